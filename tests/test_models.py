@@ -1,0 +1,123 @@
+"""Tests for ue_lightning.models: classifier zoo, normalisation, registry, ScoreNet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ue_lightning.models import (
+    ARCHITECTURES,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    ImageClassifier,
+    Normalize,
+    ScoreNet,
+    build_classifier,
+)
+
+
+def _num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize(("size", "channels"), [(32, 3), (8, 1)])
+def test_cifar_form_logits_shape(arch: str, size: int, channels: int) -> None:
+    model = build_classifier(arch, num_classes=7, in_channels=channels, image_size=size, width=8)
+    assert isinstance(model, ImageClassifier)
+    x = torch.rand(2, channels, size, size)
+    logits = model(x)
+    assert logits.shape == (2, 7)
+    assert torch.isfinite(logits).all()
+    logits.sum().backward()  # trainable end to end
+    assert model.forward_features(x).shape == (2, model.feature_dim)
+
+
+def test_cifar_form_16px() -> None:
+    model = build_classifier("resnet18", num_classes=3, image_size=16, width=8)
+    assert model(torch.rand(2, 3, 16, 16)).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("arch", "size", "channels"),
+    [("resnet18", 224, 3), ("vgg16", 128, 1), ("resnet50", 128, 3), ("densenet121", 128, 1), ("wrn34_10", 128, 3)],
+)
+def test_imagenet_form_logits_shape(arch: str, size: int, channels: int) -> None:
+    model = build_classifier(arch, num_classes=5, in_channels=channels, image_size=size).eval()
+    assert isinstance(model, ImageClassifier)
+    with torch.no_grad():
+        assert model(torch.rand(1, channels, size, size)).shape == (1, 5)
+
+
+def test_imagenet_form_rejects_width() -> None:
+    with pytest.raises(ValueError, match="width"):
+        build_classifier("resnet18", 10, image_size=224, width=8)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_normalisation_is_first_layer(channels: int) -> None:
+    model = build_classifier("resnet18", 10, in_channels=channels, width=8).eval()
+    if channels == 3:
+        mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    else:
+        mean = torch.full((1, 1, 1, 1), 0.5)
+        std = torch.full((1, 1, 1, 1), 0.5)
+    x = torch.rand(4, channels, 16, 16)
+    with torch.no_grad():
+        expected = model.head(model.backbone((x - mean) / std))
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_custom_mean_std_and_buffers() -> None:
+    model = build_classifier("vgg16", 10, width=8, mean=(0.1, 0.2, 0.3), std=0.5)
+    torch.testing.assert_close(model.normalize.mean.flatten(), torch.tensor([0.1, 0.2, 0.3]))
+    torch.testing.assert_close(model.normalize.std.flatten(), torch.full((3,), 0.5))
+    assert "normalize.mean" in model.state_dict()
+    with pytest.raises(ValueError):
+        Normalize(mean=(0.5, 0.5), std=0.5, in_channels=3)
+
+
+def test_unknown_arch_lists_choices() -> None:
+    with pytest.raises(ValueError) as err:
+        build_classifier("alexnet", 10)
+    for name in ARCHITECTURES:
+        assert name in str(err.value)
+
+
+def test_full_width_parameter_counts() -> None:
+    resnet18 = _num_params(build_classifier("resnet18", 10))
+    assert 11.0e6 <= resnet18 <= 11.3e6, resnet18
+    wrn = _num_params(build_classifier("wrn34_10", 10))
+    assert 46.0e6 <= wrn <= 46.4e6, wrn
+
+
+@pytest.mark.parametrize(("size", "channels", "num_sigmas"), [(32, 3, 1), (8, 1, 4)])
+def test_score_net_shape_and_conditioning(size: int, channels: int, num_sigmas: int) -> None:
+    net = ScoreNet(channels, num_classes=10, image_size=size, width=16, num_sigmas=num_sigmas)
+    x = torch.rand(3, channels, size, size)
+    sigma = torch.tensor([0, 1, 3]) if num_sigmas > 1 else None
+    y0 = torch.zeros(3, dtype=torch.long)
+    y1 = torch.full((3,), 5, dtype=torch.long)
+    out0 = net(x, y0, sigma)
+    assert out0.shape == x.shape
+    assert not torch.allclose(out0, net(x, y1, sigma))
+    if num_sigmas > 1:
+        assert not torch.allclose(out0, net(x, y0, torch.tensor([2, 2, 2])))
+        with pytest.raises(ValueError):
+            net(x, y0)
+    out0.square().mean().backward()
+    assert net.label_emb.weight.grad is not None
+
+
+def test_score_net_soft_labels_match_hard() -> None:
+    net = ScoreNet(3, num_classes=4, image_size=16, width=16)
+    x = torch.rand(2, 3, 16, 16)
+    y = torch.tensor([1, 3])
+    soft = torch.nn.functional.one_hot(y, 4).float()
+    torch.testing.assert_close(net(x, y), net(x, soft))
