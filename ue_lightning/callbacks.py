@@ -1,0 +1,99 @@
+"""PerturbationWriter: turns `ue predict` batches into one noise file, on one rank or many."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+
+from ue_lightning.data.noise_file import NoiseFile, NoiseFileWriter, NoiseMetadata
+
+
+class PerturbationWriter(BasePredictionWriter):
+    """Write the noise a generator predicts over the train split to ``output``.
+
+    The generator's ``predict_step`` returns ``{"index": int64 (B,), "delta": int8 (B, C, H, W)}``
+    (1/255 units, rounded against the clean uint8 image), or, for class-wise noise, the
+    module exposes ``class_delta() -> int8 (K, C, H, W)`` and the batches are ignored.
+
+    Each rank appends its batches to its own shard files (ranks never share a file);
+    after the last batch, rank 0 assembles the shards into the noise file, atomically,
+    keeping the first copy of an index that the distributed sampler's padding repeated,
+    and checking that every index of the predict set is there exactly once. Shards live
+    next to ``output``, so multi-node runs need ``output`` on a shared filesystem.
+    """
+
+    def __init__(self, output: str):
+        super().__init__(write_interval="batch")
+        self.output = Path(output)
+        self._shards = self.output.parent / f".{self.output.name}.shards"
+
+    def _paths(self, rank: int) -> tuple[Path, Path]:
+        return self._shards / f"rank{rank}.index", self._shards / f"rank{rank}.delta"
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            shutil.rmtree(self._shards, ignore_errors=True)
+            self._shards.mkdir(parents=True)
+        trainer.strategy.barrier("PerturbationWriter.start")
+        for p in self._paths(trainer.global_rank):
+            p.write_bytes(b"")
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
+                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
+                           dataloader_idx: int = 0) -> None:
+        if getattr(pl_module, "classwise", False):
+            return
+        index, delta = prediction["index"], prediction["delta"]
+        if delta.dtype != torch.int8:
+            raise TypeError(f"predict_step must return int8 delta in 1/255 units, got {delta.dtype}")
+        index_path, delta_path = self._paths(trainer.global_rank)
+        with open(index_path, "ab") as f:
+            f.write(index.cpu().to(torch.int64).numpy().tobytes())
+        with open(delta_path, "ab") as f:
+            f.write(delta.cpu().contiguous().numpy().tobytes())
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.strategy.barrier("PerturbationWriter.end")
+        if trainer.is_global_zero:
+            try:
+                self._assemble(trainer, pl_module)
+            finally:
+                shutil.rmtree(self._shards, ignore_errors=True)
+        trainer.strategy.barrier("PerturbationWriter.done")
+
+    def _assemble(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        clean = dm.clean_split("train")
+        fingerprint = clean.fingerprint()
+        meta = NoiseMetadata(classwise=bool(getattr(pl_module, "classwise", False)), fingerprint=fingerprint,
+                             **pl_module.noise_metadata())
+        if meta.classwise:
+            NoiseFile.write(self.output, pl_module.class_delta().cpu(), meta)
+            return
+        shape = (len(clean), *clean.image_shape)
+        expected = torch.as_tensor(dm.train_indices())
+        with NoiseFileWriter(self.output, shape, meta) as w:
+            for rank in range(trainer.world_size):
+                index_path, delta_path = self._paths(rank)
+                index = np.fromfile(index_path, dtype=np.int64)
+                delta = np.fromfile(delta_path, dtype=np.int8).reshape(len(index), *clean.image_shape)
+                fresh = w.covered[index] == 0
+                _, first = np.unique(index, return_index=True)  # a rank may also repeat an index
+                keep = np.zeros(len(index), dtype=bool)
+                keep[first] = True
+                keep &= fresh
+                w.delta[index[keep]] = delta[keep]
+                w.covered[index[keep]] = 1
+            got = torch.from_numpy(np.asarray(w.covered).nonzero()[0])
+            if not torch.equal(got, expected.sort().values):
+                missing = np.setdiff1d(expected.numpy(), got.numpy())
+                raise RuntimeError(f"predict covered {len(got)} samples but the train set has {len(expected)} "
+                                   f"(missing e.g. {missing[:5].tolist()}); the noise file was not written")
+        rank_zero_info(f"wrote {NoiseFile.open(self.output)}")

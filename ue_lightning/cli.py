@@ -1,0 +1,67 @@
+"""The ``ue`` command: LightningCLI (fit/validate/test/predict) plus ``export`` and ``pipeline``.
+
+Examples::
+
+    ue fit --config configs/data/cifar10.yaml --config configs/victim/resnet18.yaml
+    ue test --config configs/data/cifar10.yaml --config configs/victim/resnet18.yaml --ckpt_path last.ckpt
+    ue predict --config configs/generator/rem-cifar10.yaml --ckpt_path generator.ckpt
+    ue export --noise noise.safetensors --dataset cifar10 --root data --output protected/ --format png
+"""
+
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from ue_lightning.data import UEDataModule
+
+EXTRA_COMMANDS = ("export", "pipeline")
+
+
+class UECLI(LightningCLI):
+    """LightningCLI whose models read their data facts (classes, channels, size) from the DataModule."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        for attr in ("num_classes", "in_channels", "image_size"):
+            parser.link_arguments(f"data.{attr}", f"model.init_args.{attr}", apply_on="instantiate")
+
+
+def _import_modules() -> None:
+    """Import every LightningModule so configs may name them by class name."""
+    import ue_lightning.modules  # noqa: F401
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> UECLI:
+    """The LightningCLI behind ``ue fit|validate|test|predict`` (``args`` as on the command line)."""
+    _import_modules()
+    return UECLI(
+        L.LightningModule,
+        UEDataModule,
+        subclass_mode_model=True,
+        seed_everything_default=0,
+        trainer_defaults={"inference_mode": False},  # attacks need input gradients in test/predict
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        from jsonargparse import CLI
+
+        if argv[0] == "export":
+            from ue_lightning.data.export import export_protected as command
+        else:
+            from ue_lightning.pipeline import run_pipeline as command
+        CLI(command, args=argv[1:])
+        return
+    build_cli(argv)
+
+
+if __name__ == "__main__":
+    main()

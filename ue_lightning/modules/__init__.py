@@ -1,0 +1,5 @@
+"""LightningModules: the victim, the score estimator and the noise generators."""
+
+from ue_lightning.modules.victim import VictimClassifier
+
+__all__ = ["VictimClassifier"]

@@ -1,0 +1,114 @@
+"""VictimClassifier: the trainer who wants the data, standard or adversarially trained."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ue_lightning.attacks import budget_to_pixels, pgd_maximize
+from ue_lightning.models import build_classifier
+from ue_lightning.modules.optim import sgd_with_schedule
+
+
+def cross_entropy_sum(model: nn.Module, y: Tensor):
+    """Loss callable for the attacks: summed cross-entropy of ``model`` at a perturbed batch."""
+    return lambda x: F.cross_entropy(model(x), y, reduction="sum")
+
+
+class VictimClassifier(L.LightningModule):
+    """Standard (``adv_radius=0``) or PGD adversarial training (Madry et al.) of a classifier.
+
+    The measure of protection is the clean test accuracy (``test/acc``); ``train/acc`` is
+    the accuracy on the (possibly protected) train batches, and ``test/robust_acc`` the
+    PGD accuracy at ``adv_radius`` when ``robust_eval`` is set.
+
+    Args:
+        arch: ``vgg16``, ``resnet18``, ``resnet50``, ``densenet121`` or ``wrn34_10``.
+        num_classes, in_channels, image_size: linked from the DataModule by the CLI.
+        width: channels of the first stage (None: the architecture's standard width).
+        adv_radius: adversarial-training radius rho_a, in 1/255 units (0: standard training).
+        adv_steps: PGD steps of the training attack (REM's evaluation: 10).
+        adv_step_size: PGD step in 1/255 units (None: adv_radius / 4, as REM).
+        attack_mode: BatchNorm mode while the attack runs (``eval``: statistics untouched).
+        robust_eval: also report PGD accuracy on the test set.
+        lr, momentum, weight_decay, schedule, milestones, gamma: SGD and its schedule
+            (``cosine`` over all steps, or ``step``: x gamma at the given fractions of training).
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int = 32,
+        width: int | None = None,
+        adv_radius: float = 0.0,
+        adv_steps: int = 10,
+        adv_step_size: float | None = None,
+        attack_mode: Literal["train", "eval"] = "eval",
+        robust_eval: bool = False,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        schedule: Literal["cosine", "step", "constant"] = "cosine",
+        milestones: tuple[float, ...] = (0.4, 0.8),
+        gamma: float = 0.1,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.radius = budget_to_pixels(adv_radius, "adv_radius")
+        step = adv_radius / 4 if adv_step_size is None else adv_step_size
+        self.step_size = budget_to_pixels(step, "adv_step_size") if adv_radius > 0 else 0.0
+        self.model = build_classifier(arch, num_classes, in_channels=in_channels, image_size=image_size, width=width)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_robust_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (B, num_classes) of images (B, C, H, W) with pixels in [0, 1]."""
+        return self.model(x)
+
+    def adversarial(self, x: Tensor, y: Tensor) -> Tensor:
+        """PGD examples at ``adv_radius`` (random start), BatchNorm in ``attack_mode``."""
+        was_training = self.model.training
+        self.model.train(self.hparams.attack_mode == "train")
+        delta = pgd_maximize(cross_entropy_sum(self.model, y), x, radius=self.radius, step_size=self.step_size,
+                             steps=self.hparams.adv_steps, random_start=True)
+        self.model.train(was_training)
+        return x + delta
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y, _ = batch
+        if self.radius > 0:
+            x = self.adversarial(x, y)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits.detach(), y)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
+        self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        x, y, _ = batch
+        self.val_acc(self.model(x), y)
+        self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        x, y, _ = batch
+        self.test_acc(self.model(x), y)
+        self.log("test/acc", self.test_acc, on_epoch=True)
+        if self.hparams.robust_eval and self.radius > 0:
+            self.test_robust_acc(self.model(self.adversarial(x, y)), y)
+            self.log("test/robust_acc", self.test_robust_acc, on_epoch=True)
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return sgd_with_schedule(self.parameters(), self.trainer.estimated_stepping_batches, lr=h.lr,
+                                 momentum=h.momentum, weight_decay=h.weight_decay, schedule=h.schedule,
+                                 milestones=h.milestones, gamma=h.gamma)
