@@ -1,0 +1,106 @@
+"""Fake data written in the real on-disk formats, and helpers to run the `ue` CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_fake_cifar(root: Path, name: str = "cifar10", n_per_batch: int = 20, n_test: int = 40, seed: int = 0) -> Path:
+    """CIFAR python batches exactly as torchvision reads them; returns ``root``."""
+    rng = np.random.default_rng(seed)
+    classes = 10 if name == "cifar10" else 100
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = b"labels" if name == "cifar10" else b"fine_labels"
+
+    def batch(path: Path, n: int) -> None:
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = (np.arange(n) % classes).tolist()
+        with open(path, "wb") as f:
+            pickle.dump({b"data": data, label_key: labels, b"batch_label": b"fake"}, f)
+
+    if name == "cifar10":
+        for i in range(1, 6):
+            batch(folder / f"data_batch_{i}", n_per_batch)
+        batch(folder / "test_batch", n_test)
+        meta = {b"label_names": [f"class{i}".encode() for i in range(10)]}
+        with open(folder / "batches.meta", "wb") as f:
+            pickle.dump(meta, f)
+    else:
+        batch(folder / "train", n_per_batch * 5)
+        batch(folder / "test", n_test)
+        with open(folder / "meta", "wb") as f:
+            pickle.dump({b"fine_label_names": [f"class{i}".encode() for i in range(100)]}, f)
+    return root
+
+
+@pytest.fixture
+def fake_cifar10(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A CIFAR-10 root (100 train, 40 test images) whose md5 sums torchvision accepts."""
+    from torchvision.datasets import CIFAR10
+
+    root = write_fake_cifar(tmp_path / "cifar")
+    folder = root / CIFAR10.base_folder
+    monkeypatch.setattr(CIFAR10, "train_list", [[f, _md5(folder / f)] for f, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[f, _md5(folder / f)] for f, _ in CIFAR10.test_list])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": _md5(folder / CIFAR10.meta["filename"])})
+    return root
+
+
+def write_fake_image_folder(root: Path, classes: int = 4, per_class: int = 6, per_class_val: int = 2,
+                            size: tuple[int, int] = (40, 30), seed: int = 0) -> Path:
+    """An ImageFolder tree root/{train,val}/<wnid>/*.JPEG with RGB and greyscale images."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", per_class_val)):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                array = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+                img = Image.fromarray(array)
+                if i == 0:
+                    img = img.convert("L")  # ImageNet has a few greyscale JPEGs
+                img.save(folder / f"img_{i}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture
+def fake_image_folder(tmp_path: Path) -> Path:
+    return write_fake_image_folder(tmp_path / "imagenet")
+
+
+@pytest.fixture
+def fake_npz(tmp_path: Path) -> Path:
+    """A small .npz in the layout of ../shared/data/cifar10-jpeg75-subset.npz (NHWC uint8)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (60, 16, 16, 3), dtype=np.uint8), y_train=np.arange(60) % 10,
+             x_test=rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8), y_test=np.arange(30) % 10)
+    return path
+
+
+def run_ue(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m ue_lightning.cli ARGS`` in a subprocess; fail the test with its output on error."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "ue_lightning.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"ue {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
