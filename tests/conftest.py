@@ -28,26 +28,26 @@ def write_fake_cifar(root: Path, name: str = "cifar10", n_per_batch: int = 20, n
     classes = 10 if name == "cifar10" else 100
     folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
     folder.mkdir(parents=True, exist_ok=True)
-    label_key = b"labels" if name == "cifar10" else b"fine_labels"
+    label_key = "labels" if name == "cifar10" else "fine_labels"
 
     def batch(path: Path, n: int) -> None:
         data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         labels = (np.arange(n) % classes).tolist()
         with open(path, "wb") as f:
-            pickle.dump({b"data": data, label_key: labels, b"batch_label": b"fake"}, f)
+            pickle.dump({"data": data, label_key: labels, "batch_label": "fake"}, f)
 
     if name == "cifar10":
         for i in range(1, 6):
             batch(folder / f"data_batch_{i}", n_per_batch)
         batch(folder / "test_batch", n_test)
-        meta = {b"label_names": [f"class{i}".encode() for i in range(10)]}
+        meta = {"label_names": [f"class{i}" for i in range(10)]}
         with open(folder / "batches.meta", "wb") as f:
             pickle.dump(meta, f)
     else:
         batch(folder / "train", n_per_batch * 5)
         batch(folder / "test", n_test)
         with open(folder / "meta", "wb") as f:
-            pickle.dump({b"fine_label_names": [f"class{i}".encode() for i in range(100)]}, f)
+            pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)]}, f)
     return root
 
 

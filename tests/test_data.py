@@ -1,0 +1,133 @@
+"""Datasets in their real on-disk formats, the DataModule's subsets and protection share, export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ue_lightning.data import NoiseFile, NoiseMetadata, UEDataModule, load_dataset, protected_mask, stratified_subset
+from ue_lightning.data.export import export_protected
+
+
+def test_cifar_yields_image_label_index(fake_cifar10):
+    dm = UEDataModule("cifar10", root=str(fake_cifar10), batch_size=16)
+    dm.setup("fit")
+    x, y, index = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert torch.equal(y, dm.clean_split("train").targets[index])
+    assert (dm.num_classes, dm.in_channels, dm.image_size, dm.num_train_samples) == (10, 3, 32, 100)
+    assert len(dm.test_set) == 40
+
+
+def test_missing_cifar_names_path_and_download(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        load_dataset("cifar10", tmp_path / "nowhere", True)
+    assert "cifar-10-batches-py" in str(e.value) and "download" in str(e.value)
+
+
+def test_missing_npz_and_folder_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="npz"):
+        load_dataset("npz", tmp_path / "x.npz", True)
+    with pytest.raises(FileNotFoundError, match="train/<class>"):
+        load_dataset("imagenet_subset", tmp_path, True)
+    with pytest.raises(ValueError, match="choose one of"):
+        UEDataModule("mnist")
+
+
+def test_imagenet_subset_first_classes_fixed_size(fake_image_folder):
+    dm = UEDataModule("imagenet_subset", root=str(fake_image_folder), max_classes=3, resize=24, crop=20,
+                      batch_size=4, augment=True)
+    dm.setup("fit")
+    train, test = dm.clean_split("train"), dm.clean_split("test")
+    assert train.class_names == ["n00000000", "n00000001", "n00000002"]  # first 3 of 4, sorted
+    assert len(train) == 18 and len(test) == 6 and dm.num_classes == 3
+    image, label = train[0]  # a greyscale JPEG, read as RGB and resized
+    assert image.shape == (3, 24, 24) and image.dtype == torch.uint8
+    x, _, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 20, 20)  # the training crop comes after the stored 24x24 image
+    assert next(iter(dm.test_dataloader()))[0].shape[-1] == 20
+    assert next(iter(dm.predict_dataloader()))[0].shape[-1] == 24  # noise is made at the stored size
+
+
+def test_npz_and_digits(fake_npz):
+    npz = UEDataModule("npz", root=str(fake_npz))
+    assert (npz.num_classes, npz.in_channels, npz.image_size, npz.num_train_samples) == (10, 3, 16, 60)
+    digits = UEDataModule("digits")
+    assert (digits.num_classes, digits.in_channels, digits.image_size, digits.num_train_samples) == (10, 1, 8, 1347)
+    images = digits.clean_split("test").images
+    assert images.dtype == torch.uint8 and images.max() == 255 and len(images) == 450
+
+
+def test_stratified_subset_is_exact_seeded_and_balanced():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    idx = stratified_subset(labels, 10, seed=3)
+    assert len(idx) == 10 and len(set(idx.tolist())) == 10
+    assert torch.bincount(labels[idx]).tolist() == [5, 3, 2]
+    assert torch.equal(idx, stratified_subset(labels, 10, seed=3))
+    assert not torch.equal(idx, stratified_subset(labels, 10, seed=4))
+    with pytest.raises(ValueError):
+        stratified_subset(labels, 101, seed=0)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_protected_fraction_protects_exactly_that_share(fake_cifar10, tmp_path, fraction):
+    dm = UEDataModule("cifar10", root=str(fake_cifar10), augment=False, train_subset=50)
+    train = dm.clean_split("train")
+    delta = torch.full((100, 3, 32, 32), 5, dtype=torch.int8)
+    train.images[:] = 100  # no clipping: every protected pixel moves by exactly 5
+    NoiseFile.write(tmp_path / "n.safetensors", delta,
+                    NoiseMetadata(method="t", epsilon=5, classwise=False, fingerprint=train.fingerprint()))
+    dm.perturbation, dm.protected_fraction = str(tmp_path / "n.safetensors"), fraction
+    dm.setup("fit")
+    changed = 0
+    for x, y, index in dm.train_dataloader():
+        diff = (x * 255).round() - train.images[index].float()
+        moved = (diff == 5).all(dim=(1, 2, 3))
+        assert (moved | (diff == 0).all(dim=(1, 2, 3))).all()
+        changed += int(moved.sum())
+    assert changed == round(fraction * 50)
+
+
+def test_protected_mask_choice_is_seeded():
+    cand = torch.arange(10, 30)
+    a = protected_mask(40, cand, 0.25, seed=1)
+    assert a.sum() == 5 and a[cand].sum() == 5
+    assert torch.equal(a, protected_mask(40, cand, 0.25, seed=1))
+    with pytest.raises(ValueError):
+        protected_mask(40, cand, 1.5, seed=1)
+
+
+def _noise_for(dm, path):
+    train = dm.clean_split("train")
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randint(-8, 9, train.images.shape, generator=g, dtype=torch.int16)
+    delta = ((train.images.to(torch.int16) + delta).clamp(0, 255) - train.images.to(torch.int16)).to(torch.int8)
+    NoiseFile.write(path, delta, NoiseMetadata(method="t", epsilon=8, classwise=False, fingerprint=train.fingerprint()))
+    return train.images.to(torch.int16) + delta
+
+
+def test_export_png_and_cifar_round_trip(fake_cifar10, tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    dm = UEDataModule("cifar10", root=str(fake_cifar10))
+    protected = _noise_for(dm, tmp_path / "n.safetensors")
+    png = export_protected(str(tmp_path / "n.safetensors"), str(tmp_path / "png"), "cifar10", root=str(fake_cifar10))
+    back = load_dataset("folder", png, True, resize=32)
+    assert len(back) == 100
+    # files are named by their index in the split
+    for path, label in back.samples[:10]:
+        i = int(path.split("/")[-1].split(".")[0])
+        assert label == int(dm.clean_split("train").targets[i])
+        image, _ = back[back.samples.index((path, label))]
+        assert torch.equal(image.to(torch.int16), protected[i])
+    out = export_protected(str(tmp_path / "n.safetensors"), str(tmp_path / "batches"), "cifar10",
+                           root=str(fake_cifar10), format="cifar")
+    # torchvision reads the exported batches (its md5 list is for the real CIFAR files only)
+    monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *a, **k: True)
+    ds = CIFAR10(str(out), train=True)
+    assert np.array_equal(ds.data.transpose(0, 3, 1, 2), protected.numpy().astype(np.uint8))
+    assert ds.targets == dm.clean_split("train").targets.tolist() and ds.classes == dm.clean_split("train").class_names
+    with pytest.raises(FileExistsError):
+        export_protected(str(tmp_path / "n.safetensors"), str(tmp_path / "png"), "cifar10", root=str(fake_cifar10))

@@ -1,0 +1,234 @@
+"""UEDataModule: one DataModule for every step, clean or protected by one argument."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import v2
+
+from ue_lightning.data.datasets import DATASETS, CleanImages, load_dataset
+from ue_lightning.data.noise_file import NoiseFile, NoiseFileError, apply_delta
+
+
+def stratified_subset(labels: Tensor, size: int, seed: int) -> Tensor:
+    """Sorted indices of a seeded, class-stratified subset of exactly ``size`` samples.
+
+    Each class keeps its share of ``size`` (largest-remainder rounding), drawn at random.
+    """
+    labels = torch.as_tensor(labels)
+    n = len(labels)
+    if not 0 < size <= n:
+        raise ValueError(f"train_subset={size} must be between 1 and the split size {n}")
+    classes, counts = labels.unique(return_counts=True)
+    exact = counts.double() * size / n
+    quota = exact.floor().long()
+    order = torch.argsort(exact - quota.double(), descending=True, stable=True)
+    quota[order[: size - int(quota.sum())]] += 1
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c, k in zip(classes.tolist(), quota.tolist()):
+        members = (labels == c).nonzero().flatten()
+        chosen.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return torch.cat(chosen).sort().values
+
+
+def protected_mask(num_samples: int, candidates: Tensor, fraction: float, seed: int) -> Tensor:
+    """Bool mask (num_samples,) marking exactly round(fraction * len(candidates)) of them."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"protected_fraction={fraction} must be in [0, 1]")
+    k = int(round(fraction * len(candidates)))
+    g = torch.Generator().manual_seed(seed + 1)
+    mask = torch.zeros(num_samples, dtype=torch.bool)
+    mask[candidates[torch.randperm(len(candidates), generator=g)[:k]]] = True
+    return mask
+
+
+class ProtectedImages(Dataset):
+    """Yields ``(image, label, index)``: float image in [0, 1] (C, H, W) after noise and transform.
+
+    ``index`` is the sample's position in the whole split. Noise (int8, 1/255 units) is
+    added to the uint8 image before the transform, as a published protected dataset
+    would be read; only samples marked in ``mask`` get it.
+    """
+
+    def __init__(self, base: CleanImages, transform: v2.Transform, noise: NoiseFile | None = None,
+                 mask: Tensor | None = None):
+        self.base, self.transform, self.noise = base, transform, noise
+        self.mask = mask if mask is not None else torch.zeros(len(base), dtype=torch.bool)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        image, label = self.base[index]
+        if self.noise is not None and self.mask[index]:
+            image = apply_delta(image, self.noise.delta_for([index], [label])[0])
+        return self.transform(image), label, index
+
+
+def _augmentation(dataset: str, image_shape: tuple[int, int, int], crop: int, train: bool) -> v2.Transform:
+    """Per-dataset transform from the uint8 image to a float image in [0, 1]."""
+    to_float = v2.ToDtype(torch.float32, scale=True)
+    folder_like = dataset in ("imagenet_subset", "folder")
+    if folder_like:
+        steps = [v2.RandomResizedCrop(crop, antialias=True), v2.RandomHorizontalFlip()] if train else [v2.CenterCrop(crop)]
+    elif not train:
+        steps = []
+    elif dataset == "digits":  # digits are not mirror-symmetric
+        steps = [v2.RandomCrop(image_shape[1], padding=1)]
+    else:
+        steps = [v2.RandomCrop(image_shape[1], padding=image_shape[1] // 8), v2.RandomHorizontalFlip()]
+    return v2.Compose([*steps, to_float])
+
+
+class UEDataModule(L.LightningDataModule):
+    """Clean or protected train data, clean test data, one DataModule for every step.
+
+    Args:
+        dataset: one of ``digits`` (embedded, offline), ``cifar10``, ``cifar100``,
+            ``imagenet_subset``, ``folder``, ``npz``.
+        root: data folder (CIFAR, image folders) or the ``.npz`` file.
+        download: let torchvision download CIFAR into ``root``.
+        batch_size: train batch size per device; ``eval_batch_size`` for test/predict.
+        num_workers: DataLoader workers.
+        train_subset: keep a seeded, class-stratified subset of this many train samples.
+        perturbation: a noise file (``.safetensors``) to protect the train data with;
+            None trains on clean data.
+        protected_fraction: share of the train samples that get noise (seeded choice);
+            the rest stay clean.
+        augment: random training augmentation (crop + flip, per dataset); noise
+            generators turn it off, victims keep it on.
+        max_classes: keep the first (sorted) class folders of ``imagenet_subset`` (default 100)
+            or ``folder`` (default all).
+        resize: folder datasets: the square size images are stored at (noise is added here).
+        crop: folder datasets: model input size (random-resized crop in training, centre crop in test).
+        seed: seed of ``train_subset`` and of the ``protected_fraction`` choice.
+        predict_split: split served by ``predict`` (``train`` to generate noise), clean,
+            unaugmented and in order.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        train_subset: int | None = None,
+        perturbation: str | None = None,
+        protected_fraction: float = 1.0,
+        augment: bool = True,
+        max_classes: int | None = None,
+        resize: int = 256,
+        crop: int = 224,
+        seed: int = 0,
+        predict_split: Literal["train", "test"] = "train",
+    ):
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+        if not 0.0 <= protected_fraction <= 1.0:
+            raise ValueError(f"protected_fraction={protected_fraction} must be in [0, 1]")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be positive")
+        self.save_hyperparameters()
+        self.dataset, self.root, self.download = dataset, root, download
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.train_subset, self.perturbation = num_workers, train_subset, perturbation
+        self.protected_fraction, self.augment, self.seed = protected_fraction, augment, seed
+        self.resize, self.crop, self.predict_split = resize, crop, predict_split
+        self.max_classes = max_classes
+        self._clean: dict[str, CleanImages] = {}
+
+    # ------------------------------------------------------------------ facts (for links)
+    def clean_split(self, split: Literal["train", "test"]) -> CleanImages:
+        """The clean split, loaded once (uint8 images, no noise, no transform)."""
+        if split not in self._clean:
+            self._clean[split] = load_dataset(self.dataset, self.root, split == "train", download=self.download,
+                                              num_classes=self.max_classes, resize=self.resize)
+        return self._clean[split]
+
+    @property
+    def num_classes(self) -> int:
+        return self.clean_split("train").num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.clean_split("train").image_shape[0]
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images the model sees in training (the crop for folder datasets)."""
+        return self.crop if self.dataset in ("imagenet_subset", "folder") else self.clean_split("train").image_shape[1]
+
+    @property
+    def stored_image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the uint8 images noise is added to."""
+        return self.clean_split("train").image_shape
+
+    @property
+    def num_train_samples(self) -> int:
+        """Size of the whole train split (rows of a sample-wise noise file)."""
+        return len(self.clean_split("train"))
+
+    def train_indices(self) -> Tensor:
+        """Indices (into the whole split) of the samples used for training."""
+        labels = self.clean_split("train").targets
+        if self.train_subset is None:
+            return torch.arange(len(labels))
+        return stratified_subset(labels, self.train_subset, self.seed)
+
+    # ------------------------------------------------------------------ datasets
+    def setup(self, stage: str | None = None) -> None:
+        train = self.clean_split("train")
+        shape = train.image_shape
+        noise, mask = None, None
+        if self.perturbation is not None:
+            noise = NoiseFile.open(self.perturbation)
+            noise.check_matches(train.fingerprint())
+            mask = protected_mask(len(train), self.train_indices(), self.protected_fraction, self.seed)
+            if noise.covered is not None:
+                uncovered = mask.numpy() & (np.asarray(noise.covered) == 0)
+                if uncovered.any():
+                    raise NoiseFileError(
+                        f"{self.perturbation} has no noise for {int(uncovered.sum())} of the samples to protect "
+                        f"(e.g. index {int(uncovered.nonzero()[0][0])}): it was generated over another "
+                        "train_subset; use the same data.train_subset and data.seed as for generation.")
+        self.noise = noise
+        self.train_set = Subset(
+            ProtectedImages(train, _augmentation(self.dataset, shape, self.crop, self.augment), noise, mask),
+            self.train_indices().tolist())
+        test = self.clean_split("test")
+        self.test_set = ProtectedImages(test, _augmentation(self.dataset, shape, self.crop, train=False))
+        plain = v2.ToDtype(torch.float32, scale=True)
+        if self.predict_split == "train":  # noise generation: clean, unaugmented, full stored size
+            self.predict_set = Subset(ProtectedImages(train, plain), self.train_indices().tolist())
+        else:
+            self.predict_set = ProtectedImages(test, plain)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_set, self.eval_batch_size, shuffle=False)
+
+    def describe(self) -> str:
+        p = f", protected by {Path(self.perturbation).name} ({self.protected_fraction:.0%})" if self.perturbation else ", clean"
+        return f"{self.dataset} ({len(self.train_indices())} train samples{p})"

@@ -1,0 +1,137 @@
+"""Export a noise file as a protected dataset that can be published as is.
+
+Two layouts: a PNG ImageFolder tree (``train/<class>/<index>.png`` protected,
+``val/<class>/<index>.png`` clean), readable by torchvision's ImageFolder and by
+``UEDataModule(dataset="folder")``; and CIFAR's python-batch layout
+(``cifar-10-batches-py/data_batch_1..5``, ``test_batch``, ``batches.meta``; CIFAR-100:
+``cifar-100-python/train``, ``test``, ``meta``), readable by torchvision's CIFAR classes.
+Both are written into a temporary folder and renamed into place, so a failed export
+leaves nothing half-written at ``output``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ue_lightning.data.datasets import CleanImages, load_dataset
+from ue_lightning.data.noise_file import NoiseFile, apply_delta
+
+
+def protected_images(clean: CleanImages, noise: NoiseFile, chunk: int = 1024):
+    """Yield ``(indices, uint8 images (B, C, H, W), labels)`` of the protected split, in order.
+
+    Samples the noise file does not cover (generation over a ``train_subset``) stay clean.
+    """
+    for start in range(0, len(clean), chunk):
+        idx = np.arange(start, min(start + chunk, len(clean)))
+        images = clean.image_batch(idx)
+        labels = clean.targets[idx]
+        delta = noise.delta_for(idx, labels.numpy())
+        if noise.covered is not None:
+            delta = delta * torch.from_numpy(np.asarray(noise.covered[idx]) > 0).view(-1, 1, 1, 1).to(torch.int8)
+        yield idx, apply_delta(images, delta), labels
+
+
+def _save_png(image: torch.Tensor, path: Path) -> None:
+    array = image.permute(1, 2, 0).numpy()
+    Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)
+
+
+def _write_png_tree(out: Path, clean_train: CleanImages, clean_test: CleanImages, noise: NoiseFile) -> None:
+    names = clean_train.class_names
+    for split in ("train", "val"):
+        for name in names:
+            (out / split / name).mkdir(parents=True, exist_ok=True)
+    for idx, images, labels in protected_images(clean_train, noise):
+        for i, image, label in zip(idx.tolist(), images, labels.tolist()):
+            _save_png(image, out / "train" / names[label] / f"{i:07d}.png")
+    for start in range(0, len(clean_test), 1024):
+        idx = np.arange(start, min(start + 1024, len(clean_test)))
+        for i, image, label in zip(idx.tolist(), clean_test.image_batch(idx), clean_test.targets[idx].tolist()):
+            _save_png(image, out / "val" / names[label] / f"{i:07d}.png")
+
+
+def _write_cifar_batches(out: Path, clean_train: CleanImages, clean_test: CleanImages, noise: NoiseFile,
+                         cifar100: bool) -> None:
+    if clean_train.image_shape != (3, 32, 32):
+        raise ValueError(f"the CIFAR layout holds 3x32x32 images; this dataset has {clean_train.image_shape}: "
+                         "use --format png")
+    train = torch.cat([images for _, images, _ in protected_images(clean_train, noise)])
+    labels = clean_train.targets.tolist()
+    test = clean_test.image_batch(np.arange(len(clean_test)))
+
+    def dump(path: Path, images: torch.Tensor, targets: list[int], tag: str) -> None:
+        key = "fine_labels" if cifar100 else "labels"  # str keys, as torchvision's latin1 load yields
+        with open(path, "wb") as f:
+            pickle.dump({"batch_label": tag, key: targets, "data": images.reshape(len(images), -1).numpy(),
+                         "filenames": [f"{i:07d}.png" for i in range(len(images))]}, f)
+
+    if cifar100:
+        folder = out / "cifar-100-python"
+        folder.mkdir(parents=True)
+        dump(folder / "train", train, labels, "protected training batch")
+        dump(folder / "test", test, clean_test.targets.tolist(), "testing batch")
+        with open(folder / "meta", "wb") as f:
+            pickle.dump({"fine_label_names": clean_train.class_names}, f)
+        return
+    folder = out / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    bounds = np.linspace(0, len(train), 6).astype(int)
+    for b in range(5):
+        lo, hi = bounds[b], bounds[b + 1]
+        dump(folder / f"data_batch_{b + 1}", train[lo:hi], labels[lo:hi], f"protected training batch {b + 1} of 5")
+    dump(folder / "test_batch", test, clean_test.targets.tolist(), "testing batch 1 of 1")
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": clean_train.class_names, "num_cases_per_batch": int(bounds[1])}, f)
+
+
+def export_protected(
+    noise: str,
+    output: str,
+    dataset: str,
+    root: str = "data",
+    format: Literal["png", "cifar"] = "png",
+    max_classes: int | None = None,
+    resize: int = 256,
+) -> Path:
+    """Write the protected train split (and the clean test split) of ``dataset`` to ``output``.
+
+    Args:
+        noise: the noise file (``ue predict`` output); it must match the dataset.
+        output: folder to create (must not exist yet).
+        dataset, root, max_classes, resize: the clean data, as in UEDataModule.
+        format: ``png`` (ImageFolder tree) or ``cifar`` (CIFAR python batches; 3x32x32 only).
+    """
+    out = Path(output)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new --output folder (nothing was overwritten)")
+    clean_train = load_dataset(dataset, root, True, num_classes=max_classes, resize=resize)
+    clean_test = load_dataset(dataset, root, False, num_classes=max_classes, resize=resize)
+    noise_file = NoiseFile.open(noise)
+    noise_file.check_matches(clean_train.fingerprint())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if format == "png":
+            _write_png_tree(tmp, clean_train, clean_test, noise_file)
+        elif format == "cifar":
+            _write_cifar_batches(tmp, clean_train, clean_test, noise_file, cifar100=dataset == "cifar100")
+        else:
+            raise ValueError(f"format={format!r}: choose png or cifar")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    uncovered = 0 if noise_file.covered is None else int((np.asarray(noise_file.covered) == 0).sum())
+    note = f" ({uncovered} samples not covered by the noise file were exported clean)" if uncovered else ""
+    print(f"exported {len(clean_train)} protected train images and {len(clean_test)} clean test images "
+          f"to {out} ({format}){note}")
+    return out
