@@ -1,0 +1,78 @@
+"""VictimClassifier through the `ue` CLI: fit and test, standard and adversarial, one process and DDP."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_ue
+from ue_lightning.modules import VictimClassifier
+
+TINY = ["--config", str(REPO / "configs/victim/digits.yaml"), "--model.init_args.width", "4",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--data.train_subset", "300"]
+
+
+def test_accuracy(stdout: str, name: str = "test/acc") -> float:
+    match = re.search(rf"{re.escape(name)}\s+([0-9.]+)", stdout)
+    assert match, f"no {name} in the output:\n{stdout[-2000:]}"
+    return float(match.group(1))
+
+
+test_accuracy.__test__ = False  # a helper, not a test
+
+
+def _fit(tmp_path: Path, *extra: str) -> Path:
+    run_ue("fit", *TINY, "--trainer.default_root_dir", str(tmp_path), *extra)
+    ckpts = sorted(tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    assert ckpts, "fit wrote no checkpoint"
+    return ckpts[-1]
+
+
+def test_standard_fit_then_test_from_checkpoint(tmp_path):
+    ckpt = _fit(tmp_path, "--trainer.max_epochs", "4")
+    out = run_ue("test", *TINY, "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(tmp_path)).stdout
+    assert test_accuracy(out) > 0.3  # chance is 0.1; 4 epochs of 300 digits reach far more
+
+
+def test_adversarial_fit_reports_robust_accuracy(tmp_path):
+    ckpt = _fit(tmp_path, "--trainer.max_epochs", "1", "--model.init_args.adv_radius", "4",
+                "--model.init_args.adv_steps", "2", "--model.init_args.robust_eval", "true")
+    model = VictimClassifier.load_from_checkpoint(ckpt)
+    assert model.radius == pytest.approx(4 / 255) and model.step_size == pytest.approx(1 / 255)
+    out = run_ue("test", *TINY, "--ckpt_path", str(ckpt), "--model.init_args.adv_radius", "4",
+                 "--model.init_args.adv_steps", "2", "--model.init_args.robust_eval", "true",
+                 "--trainer.default_root_dir", str(tmp_path)).stdout
+    clean, robust = test_accuracy(out), test_accuracy(out, "test/robust_acc")
+    assert 0 <= robust <= clean
+
+
+def test_adversarial_training_step_uses_perturbed_inputs():
+    torch.manual_seed(0)
+    model = VictimClassifier(arch="resnet18", num_classes=10, in_channels=1, image_size=8, width=4, adv_radius=8,
+                             adv_steps=3)
+    x, y = torch.rand(6, 1, 8, 8), torch.arange(6)
+    adv = model.adversarial(x, y)
+    assert (adv - x).abs().max() <= 8 / 255 + 1e-6 and (adv - x).abs().max() > 4 / 255
+    assert model.model.training  # the attack restored the train mode
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_radius_is_refused():
+    with pytest.raises(ValueError, match="1/255 units"):
+        VictimClassifier(num_classes=10, adv_radius=0.0314)
+
+
+@pytest.mark.slow
+def test_ddp_fit_checkpoint_evaluates_the_same_in_one_and_two_processes(tmp_path):
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    ckpt = _fit(tmp_path, "--trainer.max_epochs", "8", *ddp)
+    one = test_accuracy(run_ue("test", *TINY, "--ckpt_path", str(ckpt), "--trainer.default_root_dir",
+                               str(tmp_path)).stdout)
+    two = test_accuracy(run_ue("test", *TINY, "--ckpt_path", str(ckpt), "--trainer.default_root_dir",
+                               str(tmp_path), *ddp).stdout)
+    assert one == pytest.approx(two, abs=1e-6)  # 450 test digits split evenly: no padded duplicates
+    assert one > 0.15
