@@ -1,7 +1,8 @@
 """LightningModules: the victim, the score estimator and the noise generators."""
 
+from ue_lightning.modules.em import ErrorMinimizingNoise
 from ue_lightning.modules.baselines import LinearSeparableNoise, RandomNoise, TargetedAdversarialPoison
 from ue_lightning.modules.score import ScoreEstimator
 from ue_lightning.modules.victim import VictimClassifier
 
-__all__ = ["LinearSeparableNoise", "RandomNoise", "TargetedAdversarialPoison", "ScoreEstimator", "VictimClassifier"]
+__all__ = ["ErrorMinimizingNoise", "LinearSeparableNoise", "RandomNoise", "TargetedAdversarialPoison", "ScoreEstimator", "VictimClassifier"]

@@ -1,0 +1,407 @@
+"""ErrorMinimizingNoise: min-min noise of Huang et al., "Unlearnable Examples" (ICLR 2021).
+
+One *round* alternates
+
+1. ``train_steps`` SGD steps of a surrogate classifier on perturbed train batches
+   ``clamp(x + delta, 0, 1)`` (surrogate in train mode; Lightning runs these as
+   ``training_step`` with manual optimisation), then
+2. a noise pass (in ``on_train_batch_end``): PGD *descent* on the surrogate's
+   cross-entropy, warm-started from the stored noise, surrogate frozen in eval mode,
+   over every train sample (sample-wise) or over a stratified subset whose per-sample
+   results move each class's noise to their mean (class-wise), then
+3. the stop check: surrogate accuracy (eval mode) on the perturbed train set (the
+   subset, class-wise) ``>= stop_accuracy`` stops training, as does ``max_rounds``.
+
+The noise is module state, kept on the CPU (host memory, not the accelerator) and
+saved in the checkpoint, so an interrupted generation resumes and ``ue predict
+--ckpt_path`` writes the noise file (see :class:`~ue_lightning.callbacks.PerturbationWriter`).
+It is deliberately *not* a registered buffer: DDP would broadcast a 600 MB buffer from
+rank 0 at every step; ranks instead stay identical by gathering every noise update.
+
+Departures from the reference code (HanxunH/Unlearnable-Examples), on purpose:
+
+* perturbed images are clamped to [0, 1] everywhere (the reference trains the surrogate
+  and checks accuracy on the unclamped ``x + delta``; the maintainer called it a bug);
+* the surrogate's batches come from the DataModule's shuffled train loader (the
+  reference's sample-wise loader is unshuffled), the class-wise pass iterates its subset
+  in order (the reference shuffles it with ``drop_last``; every subset sample is used here);
+* the sample-wise stop check reuses the noise pass's forward at each sample's new noise
+  (the surrogate is frozen during the pass, so this equals a separate evaluation pass).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from ue_lightning.attacks import budget_to_pixels, pgd_minimize, project_linf
+from ue_lightning.data.datamodule import stratified_subset
+from ue_lightning.models import build_classifier
+from ue_lightning.modules.generator_base import NoiseGenerator
+
+CHECKPOINT_KEY = "error_minimizing_noise"
+NOISE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def cross_entropy_sum(model: torch.nn.Module, y: Tensor):
+    """Loss callable for the attacks: summed cross-entropy of ``model`` at a perturbed batch."""
+    return lambda x: F.cross_entropy(model(x), y, reduction="sum")
+
+
+def center_crop_to(t: Tensor, size: tuple[int, int]) -> Tensor:
+    """Centre crop of (..., H, W) to ``size``, placed as torchvision's ``CenterCrop`` places it."""
+    h, w = t.shape[-2:]
+    if (h, w) == tuple(size):
+        return t
+    top, left = int(round((h - size[0]) / 2.0)), int(round((w - size[1]) / 2.0))
+    return t[..., top:top + size[0], left:left + size[1]]
+
+
+def first_unseen(index: Tensor, seen: Tensor) -> Tensor:
+    """Bool mask over ``index`` (CPU int64): the first occurrence of each index not yet ``seen``.
+
+    Marks the kept indices in ``seen`` (bool, one entry per train sample). A noise pass
+    uses it to drop the duplicates that ``DistributedSampler`` pads the last batches with,
+    so every sample is updated and counted exactly once per pass.
+    """
+    n = len(index)
+    uniq, inverse = torch.unique(index, return_inverse=True)
+    first = torch.full((len(uniq),), n, dtype=torch.long).scatter_reduce(0, inverse, torch.arange(n), "amin")
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[first] = True
+    keep &= ~seen[index]
+    seen[index[keep]] = True
+    return keep
+
+
+class ErrorMinimizingNoise(NoiseGenerator):
+    """Error-minimising (min-min) noise, sample-wise or class-wise (Huang et al., ICLR 2021).
+
+    Args:
+        num_classes, in_channels, image_size: linked from the DataModule by the CLI.
+        arch, width: surrogate classifier (see :func:`~ue_lightning.models.build_classifier`).
+        mode: ``samplewise`` (one delta per train sample, file (N, C, H, W)) or
+            ``classwise`` (one delta per class, file (K, C, H, W)).
+        epsilon: L-infinity budget in 1/255 units (8 = 8/255).
+        step_size: PGD step in 1/255 units (0.8 = 0.8/255).
+        steps: PGD steps per noise pass (None: 20 sample-wise, 1 class-wise).
+        train_steps: surrogate SGD steps (train batches) before each noise pass; 0 keeps the
+            surrogate fixed at its initialisation and runs a noise pass at every train batch.
+        stop_accuracy: stop once the surrogate's accuracy on the perturbed train set
+            (eval mode; the class-wise subset for class-wise noise) reaches this.
+        max_rounds: stop after this many rounds (None: only the accuracy rule stops).
+        lr, momentum, weight_decay, grad_clip: the surrogate's SGD (constant lr; clip the
+            gradient norm at ``grad_clip``, None for no clipping).
+        seed: seed of the surrogate's initialisation and of the class-wise subset.
+        noise_batch_size: per-device batch size of the noise pass (None: the DataModule's
+            ``eval_batch_size``).
+        classwise_subset: share of the train set (stratified, seeded) used by the
+            class-wise noise pass and its stop check.
+        noise_dtype: storage of the noise state in pixel units: ``float32`` (exact;
+            CIFAR-10 sample-wise 614 MB of host memory) or ``float16`` (half; spacing
+            about 0.004/255 near 8/255, far below the 1/255 rounding of the file).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int = 32,
+        arch: str = "resnet18",
+        width: int | None = None,
+        mode: Literal["samplewise", "classwise"] = "samplewise",
+        epsilon: float = 8.0,
+        step_size: float = 0.8,
+        steps: int | None = None,
+        train_steps: int = 10,
+        stop_accuracy: float = 0.99,
+        max_rounds: int | None = None,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        grad_clip: float | None = 5.0,
+        seed: int = 0,
+        noise_batch_size: int | None = None,
+        classwise_subset: float = 0.2,
+        noise_dtype: Literal["float32", "float16"] = "float32",
+    ):
+        super().__init__(epsilon=epsilon, seed=seed)
+        if mode not in ("samplewise", "classwise"):
+            raise ValueError(f"mode={mode!r}: choose samplewise or classwise")
+        if noise_dtype not in NOISE_DTYPES:
+            raise ValueError(f"noise_dtype={noise_dtype!r}: choose one of {', '.join(NOISE_DTYPES)}")
+        steps = (20 if mode == "samplewise" else 1) if steps is None else steps
+        if steps < 1 or train_steps < 0:
+            raise ValueError(f"steps={steps} must be >= 1 and train_steps={train_steps} >= 0")
+        if max_rounds is not None and max_rounds < 1:
+            raise ValueError(f"max_rounds={max_rounds} must be >= 1 (or None for no cap)")
+        if not 0.0 < classwise_subset <= 1.0:
+            raise ValueError(f"classwise_subset={classwise_subset} must be in (0, 1]")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.method = f"em-{mode}"
+        self.classwise = mode == "classwise"
+        self.step_size = budget_to_pixels(step_size, "step_size", allow_zero=False)
+        self.steps = steps
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model = build_classifier(arch, num_classes, in_channels=in_channels, image_size=image_size,
+                                          width=width)
+        self.noise: Tensor | None = None  # (N or K, C, H, W) pixel units, CPU, created in setup()
+        self.covered: Tensor | None = None  # bool (N,): samples a sample-wise noise pass has updated
+        self.surrogate_steps = 0
+        self.rounds = 0
+        self.last_accuracy = float("nan")
+        self._fingerprint: dict[str, Any] | None = None  # of the data the noise belongs to
+        self._loaders: dict[str, DataLoader] = {}
+
+    # ------------------------------------------------------------------ state
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "clean_split"):
+            raise RuntimeError("ErrorMinimizingNoise needs a UEDataModule (run it through `ue` or pass datamodule=)")
+        if stage == "fit" and getattr(dm, "augment", False):
+            raise ValueError("EM noise is optimised on unaugmented images (Huang et al.): set `data.augment: false`")
+        clean = dm.clean_split("train")
+        rows = clean.num_classes if self.classwise else dm.num_train_samples
+        shape = (rows, *clean.image_shape)
+        fingerprint = asdict(clean.fingerprint())
+        if self._fingerprint is not None:  # the noise was restored before setup (load_from_checkpoint)
+            self._check_same_data(self._fingerprint, fingerprint)
+        self._fingerprint = fingerprint
+        if self.noise is None:  # zero start, as the reference (no random start)
+            self.noise = torch.zeros(shape, dtype=NOISE_DTYPES[self.hparams.noise_dtype])
+            self.covered = torch.zeros(dm.num_train_samples, dtype=torch.bool)
+        elif tuple(self.noise.shape) != shape:
+            raise ValueError(f"the restored noise has shape {tuple(self.noise.shape)} but this data needs {shape}: "
+                             "use the data settings the generator was fitted with")
+        self._loaders = {}
+
+    @staticmethod
+    def _check_same_data(saved: dict[str, Any], current: dict[str, Any]) -> None:
+        norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+        diffs = sorted(k for k in saved if k in current and norm(saved[k]) != norm(current[k]))
+        if diffs:
+            raise ValueError(f"this EM checkpoint was fitted on other data ({saved.get('dataset')}/"
+                             f"{saved.get('split')}; differs in {', '.join(diffs)}): use the dataset, "
+                             "root and image size it was fitted with, or fit a new generator")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "mode": self.hparams.mode,
+            "noise": self.noise,
+            "covered": self.covered,
+            "surrogate_steps": self.surrogate_steps,
+            "rounds": self.rounds,
+            "last_accuracy": self.last_accuracy,
+            "fingerprint": self._fingerprint,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            raise ValueError("this checkpoint holds no error-minimising noise: pass the checkpoint of an "
+                             "ErrorMinimizingNoise fit (`ue fit --config configs/generator/em-*.yaml`)")
+        if state["mode"] != self.hparams.mode:
+            raise ValueError(f"the checkpoint holds {state['mode']} noise but model.mode is {self.hparams.mode}: "
+                             f"set `model.init_args.mode: {state['mode']}`")
+        if self._fingerprint is not None and state["fingerprint"] is not None:
+            self._check_same_data(state["fingerprint"], self._fingerprint)
+        self._fingerprint = state["fingerprint"]
+        self.noise = state["noise"].to(device="cpu", dtype=NOISE_DTYPES[self.hparams.noise_dtype])
+        self.covered = state["covered"].cpu()
+        self.surrogate_steps = int(state["surrogate_steps"])
+        self.rounds = int(state["rounds"])
+        self.last_accuracy = float(state["last_accuracy"])
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return torch.optim.SGD(self.model.parameters(), lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+
+    # ------------------------------------------------------------------ the noise
+    def stored_delta(self, x: Tensor, y: Tensor, index: Tensor) -> Tensor:
+        """The current noise of a batch (B, C, H, W) in pixel units, on ``x``'s device.
+
+        Rows by ``index`` (sample-wise) or ``y`` (class-wise); centre-cropped when ``x`` is
+        the centre crop of the stored image (folder datasets), and projected so that
+        ``x + delta`` is in [0, 1].
+        """
+        rows = (y if self.classwise else index).cpu()
+        delta = center_crop_to(self.noise[rows], tuple(x.shape[-2:]))
+        return project_linf(delta.to(device=x.device, dtype=x.dtype), x, self.radius)
+
+    def generate(self, x: Tensor, y: Tensor, index: Tensor) -> Tensor:
+        return self.stored_delta(x, y, index)
+
+    def class_delta(self) -> Tensor:
+        """Class-wise noise as the file stores it: int8 (K, C, H, W), 1/255 units, |delta| <= epsilon."""
+        if not self.classwise:
+            raise RuntimeError("class_delta() is for mode=classwise; sample-wise noise is written per sample")
+        cap = math.floor(self.epsilon + 1e-6)
+        return (self.noise.float() * 255.0).round().clamp(-cap, cap).to(torch.int8)
+
+    def on_predict_start(self) -> None:
+        if self.rounds == 0:
+            raise RuntimeError("this generator has no noise yet (0 rounds): pass the fitted generator with "
+                               "`ue predict ... --ckpt_path <generator checkpoint>`")
+        dm = self.trainer.datamodule
+        if not self.classwise and not self.covered[dm.train_indices()].all():
+            missing = int((~self.covered[dm.train_indices()]).sum())
+            raise ValueError(f"{missing} of the {len(dm.train_indices())} samples to predict were not in the train "
+                             f"set the generator was fitted on ({int(self.covered.sum())} samples): use the same "
+                             "data.train_subset and data.seed as for `ue fit`")
+
+    # ------------------------------------------------------------------ the rounds
+    def _finished(self) -> bool:
+        h = self.hparams
+        return self.last_accuracy >= h.stop_accuracy or (h.max_rounds is not None and self.rounds >= h.max_rounds)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        if self._finished():  # e.g. resumed from a checkpoint that had already stopped
+            self.trainer.should_stop = True
+            return -1
+        return None
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        """One surrogate SGD step on ``clamp(x + delta, 0, 1)`` (none when ``train_steps == 0``)."""
+        if self.hparams.train_steps == 0:
+            return None
+        x, y, index = batch
+        opt = self.optimizers()
+        logits = self.model(x + self.stored_delta(x, y, index))
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        if self.hparams.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        self.surrogate_steps += 1
+        self.log("em/surrogate_loss", loss.detach(), prog_bar=True, batch_size=len(y))
+        return None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After every ``train_steps`` surrogate steps (counted across epochs): a noise pass and the stop check."""
+        if self.surrogate_steps < (self.rounds + 1) * self.hparams.train_steps:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        if self.classwise:
+            self._classwise_pass()
+            accuracy = self._classwise_accuracy()
+        else:
+            accuracy = self._samplewise_pass()
+        self.model.train(was_training)
+        self._check_ranks_agree()
+        self.rounds += 1
+        self.last_accuracy = accuracy
+        metrics = {"em/round": float(self.rounds), "em/train_acc_perturbed": accuracy}
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=True, logger=False)
+        for logger in self.loggers:  # every round, whatever log_every_n_steps says
+            logger.log_metrics(metrics, step=self.global_step)
+        if self._finished():
+            self.trainer.should_stop = True
+            why = "accuracy reached stop_accuracy" if accuracy >= self.hparams.stop_accuracy else "max_rounds reached"
+            rank_zero_info(f"EM ({self.hparams.mode}) stops after {self.rounds} rounds: {why} "
+                           f"(perturbed train accuracy {accuracy:.4f})")
+
+    def _check_ranks_agree(self) -> None:
+        """Under DDP, every rank must hold the same noise after a pass (cheap checksum)."""
+        if self.trainer.world_size == 1:
+            return
+        noise = self.noise.double()
+        checksum = torch.stack([noise.sum(), noise.abs().sum(), (noise * noise).sum()]).to(self.device)
+        sums = self.all_gather(checksum)
+        if not torch.equal(sums.min(0).values, sums.max(0).values):
+            raise RuntimeError(f"EM noise differs across DDP ranks after round {self.rounds + 1} "
+                               f"(checksums {sums.tolist()}); this is a bug, please report it")
+
+    # ------------------------------------------------------------------ noise passes
+    def _pass_loader(self, which: Literal["all", "classwise_subset"]) -> DataLoader:
+        """Unshuffled, unaugmented loader over the train set (or the class-wise subset), sharded over ranks."""
+        if which in self._loaders:
+            return self._loaders[which]
+        dm = self.trainer.datamodule
+        if getattr(dm, "predict_split", "train") != "train":
+            raise ValueError("EM iterates the clean train set through predict_dataloader(): set "
+                             "`data.predict_split: train`")
+        dataset: Dataset = dm.predict_dataloader().dataset
+        if which == "classwise_subset" and self.hparams.classwise_subset < 1.0:
+            labels = dm.clean_split("train").targets[dm.train_indices()]
+            size = max(1, round(self.hparams.classwise_subset * len(labels)))
+            dataset = Subset(dataset, stratified_subset(labels, size, self.seed).tolist())
+        sampler = None
+        if self.trainer.world_size > 1:
+            sampler = DistributedSampler(dataset, num_replicas=self.trainer.world_size,
+                                         rank=self.trainer.global_rank, shuffle=False)
+        batch_size = self.hparams.noise_batch_size or dm.eval_batch_size
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler,
+                            num_workers=dm.num_workers, persistent_workers=dm.num_workers > 0,
+                            pin_memory=torch.cuda.is_available())
+        self._loaders[which] = loader
+        return loader
+
+    def _batches(self, which: Literal["all", "classwise_subset"]):
+        for x, y, index in self._pass_loader(which):
+            yield x.to(self.device), y.to(self.device), index.to(self.device)
+
+    def _gather(self, t: Tensor) -> Tensor:
+        """Concatenate a per-rank batch tensor over ranks (rank order), on the CPU."""
+        if self.trainer.world_size == 1:
+            return t.cpu()
+        return self.all_gather(t).flatten(0, 1).cpu()
+
+    def _minimize(self, x: Tensor, y: Tensor, init: Tensor) -> Tensor:
+        return pgd_minimize(cross_entropy_sum(self.model, y), x, radius=self.radius, step_size=self.step_size,
+                            steps=self.steps, init=init)
+
+    def _samplewise_pass(self) -> float:
+        """PGD descent on every train sample from its stored noise; returns the accuracy at the new noise."""
+        seen = torch.zeros(len(self.noise), dtype=torch.bool)
+        correct = total = 0
+        for x, y, index in self._batches("all"):
+            delta = self._minimize(x, y, self.stored_delta(x, y, index))
+            with torch.no_grad():
+                hit = (self.model(x + delta).argmax(1) == y).to(torch.uint8)
+            index, delta, hit = self._gather(index), self._gather(delta), self._gather(hit)
+            keep = first_unseen(index, seen)
+            self.noise[index[keep]] = delta[keep].to(self.noise.dtype)
+            self.covered[index[keep]] = True
+            correct += int(hit[keep].sum())
+            total += int(keep.sum())
+        return correct / max(total, 1)
+
+    def _classwise_pass(self) -> None:
+        """Per batch: one PGD descent per sample from its class noise; each class noise := mean of its samples'."""
+        seen = torch.zeros(self.trainer.datamodule.num_train_samples, dtype=torch.bool)
+        for x, y, index in self._batches("classwise_subset"):
+            eta = self._minimize(x, y, self.stored_delta(x, y, index))
+            index, y, eta = self._gather(index), self._gather(y), self._gather(eta)
+            keep = first_unseen(index, seen)
+            order = index[keep].argsort()  # sum in index order: the same on one rank or many
+            y, eta = y[keep][order], eta[keep][order].float()
+            sums = torch.zeros(self.noise.shape, dtype=torch.float32).index_add_(0, y, eta)
+            counts = torch.bincount(y, minlength=len(self.noise))
+            present = counts > 0
+            mean = sums[present] / counts[present].view(-1, 1, 1, 1)
+            self.noise[present] = mean.clamp(-self.radius, self.radius).to(self.noise.dtype)
+
+    @torch.no_grad()
+    def _classwise_accuracy(self) -> float:
+        """Surrogate accuracy on the class-wise subset with each class's noise added."""
+        seen = torch.zeros(self.trainer.datamodule.num_train_samples, dtype=torch.bool)
+        correct = total = 0
+        for x, y, index in self._batches("classwise_subset"):
+            hit = (self.model(x + self.stored_delta(x, y, index)).argmax(1) == y).to(torch.uint8)
+            index, hit = self._gather(index), self._gather(hit)
+            keep = first_unseen(index, seen)
+            correct += int(hit[keep].sum())
+            total += int(keep.sum())
+        return correct / max(total, 1)
