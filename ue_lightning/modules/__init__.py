@@ -4,5 +4,7 @@ from ue_lightning.modules.em import ErrorMinimizingNoise
 from ue_lightning.modules.baselines import LinearSeparableNoise, RandomNoise, TargetedAdversarialPoison
 from ue_lightning.modules.score import ScoreEstimator
 from ue_lightning.modules.victim import VictimClassifier
+from ue_lightning.modules.tue import TransferableNoise
+from ue_lightning.modules.ssl_victim import SimCLRVictim
 
-__all__ = ["ErrorMinimizingNoise", "LinearSeparableNoise", "RandomNoise", "TargetedAdversarialPoison", "ScoreEstimator", "VictimClassifier"]
+__all__ = ["ErrorMinimizingNoise", "LinearSeparableNoise", "RandomNoise", "TargetedAdversarialPoison", "ScoreEstimator", "VictimClassifier", "TransferableNoise", "SimCLRVictim"]

@@ -1,0 +1,266 @@
+"""TransferableNoise: Transferable Unlearnable Examples (Ren et al., ICLR 2023).
+
+Sample-wise noise optimised against a SimCLR encoder plus the Classwise Separability
+Discriminant (CSD) of the noise itself:
+
+    min_delta  ssl_weight * NT-Xent(f(view1(x + delta)), f(view2(x + delta)))
+               + csd_weight * CSD(delta, y)          subject to |delta| <= epsilon
+
+The loop follows the reference (``ssl_perturbation.py::sample_wise_perturbation``): a
+SimCLR surrogate is trained on x + delta (Adam), and every ``train_steps`` of its
+batches the noise of the whole train set is updated by ``steps`` PGD sign steps, on a
+shuffled pass (the CSD needs several classes per batch), the encoder in eval mode.
+There is no stopping rule: the trainer's ``max_epochs`` (40 in the paper) ends it.
+The public SimCLR demo uses ``ssl_weight=0, csd_weight=0.1`` (the noise is then shaped
+by the CSD alone); ``ssl_weight=1, csd_weight=1`` is the combined objective.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+from torchvision.transforms import v2
+
+from ue_lightning.attacks import budget_to_pixels, pgd_minimize, project_linf
+from ue_lightning.data.datamodule import ProtectedImages
+from ue_lightning.modules.generator_base import NoiseGenerator
+from ue_lightning.modules.simclr import SimCLRNet, classwise_separability, first_occurrences, nt_xent, simclr_views
+
+_STATE_KEY = "transferable_noise"
+
+
+def center_crop(t: Tensor, size: int) -> Tensor:
+    """Centre crop (…, H, W) -> (…, size, size) with torchvision's CenterCrop offsets."""
+    h, w = t.shape[-2:]
+    if (h, w) == (size, size):
+        return t
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return t[..., top:top + size, left:left + size]
+
+
+class TransferableNoise(NoiseGenerator):
+    """TUE noise generator (sample-wise), method ``tue``.
+
+    The noise state (N, C, H, W) in pixel units covers the whole train split at its
+    stored size; it lives on the CPU as a plain tensor (not a registered buffer: DDP
+    would broadcast a buffer of the whole train set at every step), is identical on
+    every rank, and is saved in and restored from the checkpoint (key
+    ``transferable_noise``), so ``ue fit --ckpt_path`` resumes it and ``ue predict
+    --ckpt_path`` writes it.
+
+    Args:
+        arch, width: surrogate encoder (CIFAR ResNet-18 in the paper); its projection
+            head is ``Linear-BN-ReLU-Linear`` to ``proj_dim`` (128).
+        num_classes, in_channels, image_size: linked from the DataModule by the CLI.
+        epsilon: L-infinity budget in 1/255 units (8).
+        step_size: PGD step in 1/255 units (0.8).
+        steps: PGD steps per noise batch in each noise pass (20).
+        train_steps: SimCLR batches between two full noise passes (20).
+        ssl_weight, csd_weight: weights of the NT-Xent and CSD terms of the noise loss
+            (public SimCLR demo: 0 and 0.1; combined: 1 and 1).
+        detach_spread: CSD spreads as constants (the reference), see
+            :func:`~ue_lightning.modules.simclr.classwise_separability`.
+        eot_size: augmentation draws averaged in the SSL term of the noise loss (1).
+        random_start: start the noise uniformly in [-epsilon, epsilon] (the demo), else at 0.
+        noise_batch_size: batch of the noise pass (None: the DataModule's batch size, 512 in the paper).
+        temperature: NT-Xent temperature (0.5).
+        lr, weight_decay: Adam of the surrogate (1e-3, 1e-6).
+        crop_scale, flip_p: SimCLR view crop scale and flip probability (colour jitter
+            0.4/0.4/0.4/0.1 with p 0.8 and grayscale p 0.2 are fixed).
+        skip_idle_surrogate: with ``ssl_weight == 0`` the encoder cannot change the noise,
+            so its SimCLR updates are skipped (the optimiser still steps, a no-op, so the
+            step count and ``max_steps`` behave); set False to spend that compute as the
+            reference does.
+        state_dtype: storage of the noise state; ``float16`` halves its memory (N x C x H x W
+            per rank) at a rounding of about 1e-5 in pixel units, far below the 1/255 of the file.
+        seed: seeds the random start and the noise-pass shuffling.
+    """
+
+    method = "tue"
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int = 32,
+        width: int | None = None,
+        epsilon: float = 8.0,
+        step_size: float = 0.8,
+        steps: int = 20,
+        train_steps: int = 20,
+        ssl_weight: float = 0.0,
+        csd_weight: float = 0.1,
+        detach_spread: bool = True,
+        eot_size: int = 1,
+        random_start: bool = True,
+        noise_batch_size: int | None = None,
+        temperature: float = 0.5,
+        proj_dim: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        flip_p: float = 0.5,
+        skip_idle_surrogate: bool = True,
+        state_dtype: Literal["float32", "float16"] = "float32",
+        seed: int = 0,
+    ):
+        super().__init__(epsilon=epsilon, seed=seed)
+        self.save_hyperparameters()
+        if ssl_weight < 0 or csd_weight < 0 or ssl_weight + csd_weight == 0:
+            raise ValueError(f"ssl_weight={ssl_weight}, csd_weight={csd_weight}: both must be >= 0 and one > 0 "
+                             "(public demo: ssl_weight 0, csd_weight 0.1)")
+        if steps < 1 or train_steps < 1 or eot_size < 1:
+            raise ValueError(f"steps={steps}, train_steps={train_steps}, eot_size={eot_size} must be positive")
+        if state_dtype not in ("float32", "float16"):
+            raise ValueError(f"state_dtype={state_dtype!r}: choose float32 or float16")
+        self.step_size = budget_to_pixels(step_size, "step_size", allow_zero=False)
+        self._state_dtype = getattr(torch, state_dtype)
+        self.automatic_optimization = False
+        self.net = SimCLRNet(arch, in_channels, image_size, width, proj_dim)
+        self.noise: Tensor | None = None  # (N, C, H, W) pixel units, on the CPU, in state_dtype
+        self.noise_passes = 0
+        self._last_pass_step = -1
+        self._noise_set: Dataset | None = None
+
+    # ------------------------------------------------------------------ state
+    def _initial_noise(self, shape: tuple[int, ...]) -> Tensor:
+        if not self.hparams.random_start:
+            return torch.zeros(shape, dtype=self._state_dtype)
+        g = torch.Generator().manual_seed(self.seed)  # the same on every rank
+        return ((2 * torch.rand(shape, generator=g) - 1) * self.radius).to(self._state_dtype)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "stored_image_shape"):
+            raise TypeError("TransferableNoise needs the UEDataModule (it reads the train split's size and shape)")
+        shape = (dm.num_train_samples, *dm.stored_image_shape)
+        if stage == "fit":
+            if dm.augment:
+                raise ValueError("TransferableNoise optimises noise on the clean, unaugmented train set: "
+                                 "set `data.augment: false`")
+            if dm.perturbation is not None:
+                raise ValueError("TransferableNoise generates noise for clean data: unset `data.perturbation`")
+            self._noise_set = Subset(ProtectedImages(dm.clean_split("train"), v2.ToDtype(torch.float32, scale=True)),
+                                     dm.train_indices().tolist())
+            if self.noise is None or tuple(self.noise.shape) != shape:
+                self.noise = self._initial_noise(shape)  # a resumed checkpoint replaces it after setup
+                self.noise_passes = 0
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_STATE_KEY] = {"noise": self.noise, "noise_passes": self.noise_passes}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(_STATE_KEY)
+        if state is None or state["noise"] is None:
+            raise KeyError("this checkpoint holds no TUE noise state: pass a checkpoint written by "
+                           "`ue fit` with ue_lightning.modules.TransferableNoise")
+        self.noise = state["noise"].cpu().to(self._state_dtype)
+        self.noise_passes = int(state["noise_passes"])
+
+    def _noise_for(self, index: Tensor, size: int | None = None) -> Tensor:
+        """Stored noise of ``index`` (CPU), centre-cropped to ``size`` (what CenterCrop did to the image)."""
+        noise = self.noise[index.cpu()]
+        return noise if size is None else center_crop(noise, size)
+
+    # ------------------------------------------------------------------ surrogate (SimCLR)
+    def _view(self, x: Tensor) -> Tensor:
+        h = self.hparams
+        return simclr_views(x, h.image_size, crop_scale=h.crop_scale, flip_p=h.flip_p)
+
+    def _ssl_loss(self, x: Tensor) -> Tensor:
+        return nt_xent(self.net(self._view(x)), self.net(self._view(x)), self.hparams.temperature)
+
+    @property
+    def _trains_surrogate(self) -> bool:
+        return self.hparams.ssl_weight > 0 or not self.hparams.skip_idle_surrogate
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        x, _, index = batch
+        opt = self.optimizers()
+        if self._trains_surrogate and len(x) > 1:  # BatchNorm1d and NT-Xent need two samples
+            protected = (x + self._noise_for(index, x.shape[-1]).to(x)).clamp(0, 1)
+            loss = self._ssl_loss(protected)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            self.log("train/ssl_loss", loss, prog_bar=True, batch_size=len(x))
+        opt.step()  # without gradients a no-op on the weights; advances global_step
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self.global_step
+        if step > 0 and step % self.hparams.train_steps == 0 and step != self._last_pass_step:
+            self._last_pass_step = step
+            self.noise_pass()
+
+    # ------------------------------------------------------------------ noise
+    def noise_objective(self, x: Tensor, y: Tensor):
+        """Loss callable for PGD: ``ssl_weight * NT-Xent + csd_weight * CSD`` at a perturbed batch."""
+        h = self.hparams
+
+        def loss(perturbed: Tensor) -> Tensor:
+            total = perturbed.new_zeros(())
+            if h.csd_weight > 0:
+                total = total + h.csd_weight * classwise_separability(perturbed - x, y, detach_spread=h.detach_spread)
+            if h.ssl_weight > 0:
+                for _ in range(h.eot_size):
+                    total = total + h.ssl_weight * self._ssl_loss(perturbed) / h.eot_size
+            return total
+
+        return loss
+
+    def _noise_loader(self) -> DataLoader:
+        dm = self.trainer.datamodule
+        batch_size = self.hparams.noise_batch_size or dm.batch_size
+        if self.trainer.world_size > 1:
+            sampler = DistributedSampler(self._noise_set, num_replicas=self.trainer.world_size,
+                                         rank=self.trainer.global_rank, shuffle=True, seed=self.seed)
+            sampler.set_epoch(self.noise_passes)
+        else:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.noise_passes)
+            sampler = RandomSampler(self._noise_set, generator=g)
+        return DataLoader(self._noise_set, batch_size=batch_size, sampler=sampler, num_workers=dm.num_workers)
+
+    def noise_pass(self) -> None:
+        """Update the noise of every train sample (PGD descent, warm start), sharded over ranks."""
+        h = self.hparams
+        was_training = self.net.training
+        self.net.eval()
+        csd_sum, batches = 0.0, 0
+        for x, y, index in self._noise_loader():
+            x, y = x.to(self.device), y.to(self.device)
+            delta = pgd_minimize(self.noise_objective(x, y), x, radius=self.radius, step_size=self.step_size,
+                                 steps=h.steps, init=self._noise_for(index).to(x))
+            with torch.no_grad():
+                csd_sum += float(classwise_separability(delta, y))
+            batches += 1
+            index = index.to(self.device)
+            if self.trainer.world_size > 1:  # every rank writes every rank's shard, padding repeats dropped
+                index, delta = self.all_gather(index).flatten(0, 1), self.all_gather(delta).flatten(0, 1)
+                keep = first_occurrences(index)
+                index, delta = index[keep], delta[keep]
+            self.noise[index.cpu()] = delta.detach().cpu().to(self._state_dtype)
+        self.net.train(was_training)
+        self.noise_passes += 1
+        self.log("noise/csd", csd_sum / max(1, batches), prog_bar=True, sync_dist=True)
+        self.log("noise/passes", float(self.noise_passes))
+
+    def on_train_end(self) -> None:
+        if self.noise_passes == 0:
+            rank_zero_warn(f"TransferableNoise ran no noise pass: training stopped before {self.hparams.train_steps} "
+                           "batches (train_steps); the noise is still its random start")
+
+    def generate(self, x: Tensor, y: Tensor, index: Tensor) -> Tensor:
+        if self.noise is None:
+            raise RuntimeError("TransferableNoise has no noise: train it with `ue fit` and pass that checkpoint "
+                               "to `ue predict --ckpt_path`")
+        if tuple(self.noise.shape[1:]) != tuple(x.shape[1:]) or int(index.max()) >= len(self.noise):
+            raise ValueError(f"noise state {tuple(self.noise.shape)} does not fit batch {tuple(x.shape)} "
+                             f"(max index {int(index.max())}): predict on the data the noise was made for")
+        return project_linf(self._noise_for(index).to(x), x, self.radius)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
