@@ -99,6 +99,8 @@ def fake_npz(tmp_path: Path) -> Path:
 def run_ue(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m ue_lightning.cli ARGS`` in a subprocess; fail the test with its output on error."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    if "--trainer.devices" in args and args[list(args).index("--trainer.devices") + 1] != "1":
+        full_env.setdefault("OMP_NUM_THREADS", "1")  # two processes on two cores: no oversubscription
     proc = subprocess.run([sys.executable, "-m", "ue_lightning.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
