@@ -2,9 +2,10 @@
 
 from ue_lightning.modules.em import ErrorMinimizingNoise
 from ue_lightning.modules.baselines import LinearSeparableNoise, RandomNoise, TargetedAdversarialPoison
+from ue_lightning.modules.robust import RobustNoiseGenerator
 from ue_lightning.modules.score import ScoreEstimator
 from ue_lightning.modules.victim import VictimClassifier
 from ue_lightning.modules.tue import TransferableNoise
 from ue_lightning.modules.ssl_victim import SimCLRVictim
 
-__all__ = ["ErrorMinimizingNoise", "LinearSeparableNoise", "RandomNoise", "TargetedAdversarialPoison", "ScoreEstimator", "VictimClassifier", "TransferableNoise", "SimCLRVictim"]
+__all__ = ["ErrorMinimizingNoise", "RobustNoiseGenerator", "LinearSeparableNoise", "RandomNoise", "TargetedAdversarialPoison", "ScoreEstimator", "VictimClassifier", "TransferableNoise", "SimCLRVictim"]
