@@ -101,18 +101,25 @@ class NoiseMetadata:
         return cls(**d)
 
 
-def quantize_delta(clean_uint8: Tensor, delta: Tensor) -> Tensor:
+def quantize_delta(clean_uint8: Tensor, delta: Tensor, epsilon: float | None = None) -> Tensor:
     """Round a float perturbation to the int8 delta of the noise file.
 
     Args:
         clean_uint8: clean images, uint8 (B, C, H, W), 0-255.
         delta: float perturbation in pixel units ([0, 1] images), same shape.
+        epsilon: budget in 1/255 units; with a non-integer budget (8.5) rounding could
+            reach 9, so the result is also clipped to ``floor(epsilon)``.
 
     Returns:
         int8 delta in 1/255 units with ``clean + delta`` in [0, 255], rounded to nearest.
     """
-    protected = (clean_uint8.to(torch.float32) + delta.to(torch.float32) * 255.0).round().clamp(0, 255)
-    return (protected - clean_uint8.to(torch.float32)).to(torch.int8)
+    clean = clean_uint8.to(torch.float32)
+    shift = (delta.to(torch.float32) * 255.0).round()
+    if epsilon is not None:
+        bound = float(int(epsilon + 1e-6))
+        shift = shift.clamp(-bound, bound)
+    protected = (clean + shift).clamp(0, 255)
+    return (protected - clean).to(torch.int8)
 
 
 def apply_delta(clean_uint8: Tensor, delta_int8: Tensor) -> Tensor:

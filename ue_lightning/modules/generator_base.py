@@ -48,7 +48,7 @@ class NoiseGenerator(L.LightningModule):
         if self.classwise:
             return {"index": index}
         delta = self.generate(x, y, index)
-        return {"index": index.cpu(), "delta": quantize_delta(to_uint8(x), delta).cpu()}
+        return {"index": index.cpu(), "delta": quantize_delta(to_uint8(x), delta, self.epsilon).cpu()}
 
     def noise_metadata(self) -> dict[str, Any]:
         """Method, budget and config for the noise file (see NoiseMetadata)."""
