@@ -20,9 +20,18 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 LossFn = Callable[[Tensor], Tensor]
+
+
+def cross_entropy_sum(model: nn.Module, y: Tensor) -> LossFn:
+    """The usual loss callable: summed cross-entropy of ``model`` on a perturbed batch against ``y``.
+
+    Summed, not averaged, so a sample's input gradient does not depend on its batch size.
+    """
+    return lambda x: F.cross_entropy(model(x), y, reduction="sum")
 
 
 def project_linf(delta: Tensor, x: Tensor, radius: float) -> Tensor:

@@ -41,18 +41,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from ue_lightning.attacks import budget_to_pixels, pgd_minimize, project_linf
+from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, pgd_minimize, project_linf
 from ue_lightning.data.datamodule import stratified_subset
 from ue_lightning.models import build_classifier
 from ue_lightning.modules.generator_base import NoiseGenerator
 
 CHECKPOINT_KEY = "error_minimizing_noise"
 NOISE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-def cross_entropy_sum(model: torch.nn.Module, y: Tensor):
-    """Loss callable for the attacks: summed cross-entropy of ``model`` at a perturbed batch."""
-    return lambda x: F.cross_entropy(model(x), y, reduction="sum")
 
 
 def center_crop_to(t: Tensor, size: tuple[int, int]) -> Tensor:

@@ -36,10 +36,10 @@ from typing import Callable, Iterator, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from ue_lightning.attacks import budget_to_pixels, input_gradient, pgd_maximize, project_linf
+from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, input_gradient, pgd_maximize, project_linf
 from ue_lightning.augment import random_crop_flip
 from ue_lightning.models import build_classifier
 from ue_lightning.modules.generator_base import NoiseGenerator
@@ -68,11 +68,6 @@ def score_norm(score_fn: ScoreFn, x: Tensor, y: Tensor) -> Tensor:
     (where the score vanishes), i.e. collapses the class.
     """
     return score_fn(x, y).flatten(1).norm(dim=1).sum()
-
-
-def cross_entropy_sum(model: nn.Module, y: Tensor) -> Callable[[Tensor], Tensor]:
-    """Loss callable for the attacks: summed cross-entropy of ``model`` at a perturbed batch."""
-    return lambda x: F.cross_entropy(model(x), y, reduction="sum")
 
 
 def round_to_pixel_grid(x: Tensor) -> Tensor:

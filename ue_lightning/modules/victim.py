@@ -5,19 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 import lightning as L
-import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from ue_lightning.attacks import budget_to_pixels, pgd_maximize
+from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, pgd_maximize
 from ue_lightning.models import build_classifier
 from ue_lightning.modules.optim import sgd_with_schedule
-
-
-def cross_entropy_sum(model: nn.Module, y: Tensor):
-    """Loss callable for the attacks: summed cross-entropy of ``model`` at a perturbed batch."""
-    return lambda x: F.cross_entropy(model(x), y, reduction="sum")
 
 
 class VictimClassifier(L.LightningModule):
