@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from common import SHARED_NPZ, machine, timed
-from ue_lightning.attacks import input_gradient
-from ue_lightning.modules.robust import RobustNoiseGenerator, cross_entropy_sum
+from ue_lightning.attacks import cross_entropy_sum, input_gradient
+from ue_lightning.modules.robust import RobustNoiseGenerator
 
 
 def batch_of(data: str, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

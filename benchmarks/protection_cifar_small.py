@@ -59,7 +59,7 @@ GENERATORS: dict[str, tuple[str, list[str], bool, list[str]]] = {
     "em-classwise": ("configs/generator/em-classwise-cifar10-npz-cpu.yaml",
                      ["--model.init_args.width", "8", "--model.init_args.max_rounds", "20"], True, []),
     "tue": ("configs/generator/tue-cifar10-npz-cpu.yaml",
-            ["--model.init_args.width", "8", "--trainer.max_epochs", "6", "--data.batch_size", "256"], True, []),
+            ["--model.init_args.width", "8", "--trainer.max_epochs", "40", "--data.batch_size", "256"], True, []),
     "tap": ("configs/generator/tap-cifar10-npz-cpu.yaml",
             ["--model.init_args.classifier_checkpoint", str(OUT / "victim" / "clean-rho0" / "last.ckpt")],
             False, ["victim:clean-rho0"]),
@@ -126,8 +126,9 @@ def victim_stage(data_name: str, radius: float) -> dict:
                                                 "init_args": {"dirpath": str(OUT / "victim" / tag),
                                                               "save_last": True, "save_top_k": 0}}]),
             "--trainer.check_val_every_n_epoch", "5"]
-    if not (OUT / "victim" / tag / "last.ckpt").exists():
+    if not (OUT / "victim" / tag / "fit.done").exists():  # last.ckpt alone may be mid-training
         run(f"victim {tag} fit", ["fit", *args], OUT / "logs" / f"victim-{tag}-fit.log")
+        (OUT / "victim" / tag / "fit.done").touch()
     log = OUT / "logs" / f"victim-{tag}-test.log"
     run(f"victim {tag} test", ["test", *args, "--ckpt_path", str(OUT / "victim" / tag / "last.ckpt")], log)
     acc = float(next(line.split()[1] for line in log.read_text().splitlines() if line.strip().startswith("test/acc")))
@@ -148,8 +149,9 @@ def simclr_stage(data_name: str) -> dict:
             "--trainer.callbacks", json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                                 "init_args": {"dirpath": str(OUT / "victim" / tag),
                                                               "save_last": True, "save_top_k": 0}}])]
-    if not (OUT / "victim" / tag / "last.ckpt").exists():
+    if not (OUT / "victim" / tag / "fit.done").exists():
         run(f"{tag} fit", ["fit", *args], OUT / "logs" / f"{tag}-fit.log")
+        (OUT / "victim" / tag / "fit.done").touch()
     log = OUT / "logs" / f"{tag}-test.log"
     run(f"{tag} test", ["test", *args, "--ckpt_path", str(OUT / "victim" / tag / "last.ckpt")], log)
     acc = float(next(line.split()[1] for line in log.read_text().splitlines() if line.strip().startswith("test/acc")))
@@ -158,16 +160,21 @@ def simclr_stage(data_name: str) -> dict:
     return result
 
 
+ISSUE3 = ("clean", "rem", "collapse")  # the paper's Table 1 shape: every radius
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--only", default=",".join(["clean", *GENERATORS]))
-    p.add_argument("--radii", default="0,2,4")
+    p.add_argument("--radii", default="0,2,4", help="radii for clean, rem and collapse")
+    p.add_argument("--other-radii", default="0,4", help="radii for the other generators")
     p.add_argument("--simclr", default="clean,em-samplewise,tue,collapse")
     a = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     names = [n for n in a.only.split(",") if n]
     radii = [float(r) for r in a.radii.split(",") if r]
+    other_radii = [float(r) for r in a.other_radii.split(",") if r]
     with ThreadPoolExecutor(a.jobs) as pool:
         # independent first: score model, clean victim (TAP needs it), training-free noise
         first = [pool.submit(score_stage), pool.submit(victim_stage, "clean", 0.0)]
@@ -177,16 +184,21 @@ def main() -> None:
         later = [pool.submit(generator_stage, n) for n in names if n in GENERATORS and GENERATORS[n][3]]
         for f in later:
             f.result()
-        victims = [pool.submit(victim_stage, n, r) for r in radii for n in names]
+        # in priority order: the seed method's table, then standard training, then AT, then SimCLR
+        order = [(n, r) for n in names if n in ISSUE3 for r in radii]
+        order += [(n, r) for r in other_radii for n in names if n not in ISSUE3]
+        victims = [pool.submit(victim_stage, n, r) for n, r in order]
         probes = [pool.submit(simclr_stage, n) for n in a.simclr.split(",") if n]
         results = [f.result() for f in victims]
         probe_results = [f.result() for f in probes]
     table = {"victims": results, "simclr_probe": probe_results}
     (OUT / "results.json").write_text(json.dumps(table, indent=2))
-    lines = ["| train data | " + " | ".join(f"rho_a={r:g}/255" for r in radii) + " |", "|---|" + "---|" * len(radii)]
+    all_radii = sorted(set(radii) | set(other_radii))
+    lines = ["| train data | " + " | ".join(f"rho_a={r:g}/255" for r in all_radii) + " |",
+             "|---|" + "---|" * len(all_radii)]
     for n in names:
         row = {r["rho_a"]: r["test_acc"] for r in results if r["data"] == n}
-        lines.append(f"| {n} | " + " | ".join(f"{100 * row[r]:.1f}" if r in row else "-" for r in radii) + " |")
+        lines.append(f"| {n} | " + " | ".join(f"{100 * row[r]:.1f}" if r in row else "-" for r in all_radii) + " |")
     lines += ["", "| train data | SimCLR linear probe, clean test acc |", "|---|---|"]
     lines += [f"| {r['data']} | {100 * r['probe_acc']:.1f} |" for r in probe_results]
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
