@@ -131,3 +131,14 @@ def test_export_png_and_cifar_round_trip(fake_cifar10, tmp_path, monkeypatch):
     assert ds.targets == dm.clean_split("train").targets.tolist() and ds.classes == dm.clean_split("train").class_names
     with pytest.raises(FileExistsError):
         export_protected(str(tmp_path / "n.safetensors"), str(tmp_path / "png"), "cifar10", root=str(fake_cifar10))
+
+
+def test_ue_export_command_writes_png_tree(fake_npz, tmp_path):
+    from conftest import run_ue
+
+    dm = UEDataModule("npz", root=str(fake_npz))
+    _noise_for(dm, tmp_path / "n.safetensors")
+    run_ue("export", "--noise", str(tmp_path / "n.safetensors"), "--dataset", "npz", "--root", str(fake_npz),
+           "--output", str(tmp_path / "out"))
+    assert len(list((tmp_path / "out" / "train").rglob("*.png"))) == 60
+    assert len(list((tmp_path / "out" / "val").rglob("*.png"))) == 30

@@ -50,17 +50,17 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> UECLI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in EXTRA_COMMANDS:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in EXTRA_COMMANDS:
         from jsonargparse import CLI
 
-        if argv[0] == "export":
+        if args[0] == "export":
             from ue_lightning.data.export import export_protected as command
         else:
             from ue_lightning.pipeline import run_pipeline as command
-        CLI(command, args=argv[1:])
+        CLI(command, args=args[1:], as_positional=False)
         return
-    build_cli(argv)
+    build_cli(argv)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":
