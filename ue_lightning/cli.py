@@ -61,6 +61,21 @@ def main(argv: list[str] | None = None) -> None:
         CLI(command, args=args[1:], as_positional=False)
         return
     build_cli(argv)  # None: LightningCLI reads sys.argv itself
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear down a DDP process group before the interpreter exits.
+
+    Lightning leaves it open after ``test``/``predict``; gloo's threads dying at interpreter
+    exit then abort the process ("terminate called without an active exception") after the
+    work is done, turning a good run into a failed exit code.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
