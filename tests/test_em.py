@@ -39,7 +39,8 @@ def digits(train_subset: int = 20, batch_size: int = 8, eval_batch_size: int = 1
 
 
 def em(mode: str = "samplewise", **kw) -> ErrorMinimizingNoise:
-    args = dict(arch="resnet18", width=4, in_channels=1, image_size=8, num_classes=10, mode=mode)
+    args = dict(arch="resnet18", width=4, in_channels=1, image_size=8, num_classes=10, mode=mode,
+                eot_padding=1, eot_flip=False)  # the digits' own augmentation
     return ErrorMinimizingNoise(**{**args, **kw})
 
 
@@ -76,19 +77,92 @@ def fitted(tmp_path_factory) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------------- the loop
-def test_stop_rule_fires_on_an_easy_task():
-    """20 digits: the surrogate reaches 99% on the perturbed set long before the cap; rounds span epochs."""
-    module = em(train_steps=10, max_rounds=15, steps=20)
+class _Rounds(L.Callback):
+    """Records (surrogate_accuracy, pass_accuracy, stopped) after every training batch that ended a round."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        row = (module.rounds, module.surrogate_accuracy, module.pass_accuracy, module.stopped)
+        if not self.seen or self.seen[-1] != row:
+            self.seen.append(row)
+
+
+def test_stop_rule_fires_once_the_surrogate_has_learned_the_noise():
+    """20 digits: the surrogate's train-mode accuracy on its perturbed batches reaches 90% before the cap."""
+    module = em(train_steps=10, max_rounds=15, steps=20, stop_accuracy=0.9, surrogate_augment=False)
     t = trainer()
-    t.fit(module, datamodule=digits(train_subset=20, batch_size=8))  # 3 batches per epoch
-    assert module.last_accuracy >= 0.99
+    t.fit(module, datamodule=digits(train_subset=20, batch_size=10))  # 2 batches per epoch
+    assert module.stopped and t.should_stop
+    assert module.surrogate_accuracy >= 0.9
     assert 1 <= module.rounds < 15
-    assert t.should_stop
-    # the 10-step counter runs across epoch boundaries (3 batches each) and stops right after a round
-    assert module.surrogate_steps == 10 * module.rounds
+    # the 10-step counter runs across epoch boundaries (2 batches each); the stop comes after a round's
+    # SGD steps and before its pass, so the noise kept is the one the surrogate learned
+    assert module.surrogate_steps == 10 * (module.rounds + 1)
     assert t.current_epoch >= 3
     assert module.noise.abs().max() <= module.radius + 1e-6
     assert module.noise.abs().max() > 0.5 * module.radius
+
+
+def test_stop_rule_waits_while_the_surrogate_has_not_learned_the_noise(monkeypatch):
+    """The frozen surrogate classifies its freshly fitted noise perfectly (as on CIFAR after 2-3 rounds,
+    benchmarks/RESULTS.md) while in train mode it is far from 99% on the batches it trains on: the
+    default rule keeps going (here to the round cap), the reference rule stops after one pass."""
+    monkeypatch.setattr(ErrorMinimizingNoise, "_samplewise_pass", lambda self: 1.0)  # PGD fooled the frozen model
+    rounds = _Rounds()
+    module = em(train_steps=3, max_rounds=4, steps=1)
+    trainer(callbacks=[rounds]).fit(module, datamodule=digits(train_subset=200, batch_size=32))
+    assert module.rounds == 4 and module.stopped  # by the cap
+    assert not any(acc >= 0.99 for _, acc, _, _ in rounds.seen), rounds.seen
+    assert module.pass_accuracy == 1.0
+
+    reference = em(train_steps=3, max_rounds=4, steps=1, stop_on="noise_pass")
+    trainer().fit(reference, datamodule=digits(train_subset=200, batch_size=32))
+    assert reference.rounds == 1 and reference.stopped
+
+
+def test_stop_reason_reads_the_chosen_accuracy():
+    module = em(max_rounds=10)
+    module.rounds, module.surrogate_accuracy, module.pass_accuracy = 2, 0.3, 1.0
+    assert module._stop_reason() is None
+    module.surrogate_accuracy = 0.995
+    assert "surrogate accuracy" in module._stop_reason()
+    module.rounds = 0  # no noise yet: a surrogate that fits clean data is no reason to stop
+    assert module._stop_reason() is None
+    reference = em(max_rounds=10, stop_on="noise_pass")
+    reference.rounds, reference.surrogate_accuracy, reference.pass_accuracy = 2, 0.3, 1.0
+    assert "noise_pass accuracy" in reference._stop_reason()
+    with pytest.raises(ValueError, match="stop_on"):
+        em(stop_on="eval")
+    with pytest.raises(ValueError, match="pass_mode"):
+        em(pass_mode="inference")
+
+
+def test_train_mode_pass_leaves_the_surrogate_unchanged():
+    """pass_mode=train: BatchNorm uses batch statistics in the pass but its running statistics stay put."""
+    module = em(train_steps=0, max_rounds=1, steps=2, pass_mode="train")
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer().fit(module, datamodule=digits(train_subset=20))
+    assert module.rounds == 1 and module.noise.abs().max() > 0
+    assert all(torch.equal(before[k], v) for k, v in module.model.state_dict().items())
+    assert module.model.training  # its mode is restored after the pass
+
+
+def test_classwise_pass_moves_every_class_at_nearly_every_batch():
+    """The class-wise subset is shuffled each round: with batches of 16 over 80 samples (8 per class),
+    each class's noise moves in most of the 5 batches, not once per pass as in a class-sorted order."""
+    module = em("classwise", train_steps=0, max_rounds=1, steps=1, classwise_subset=1.0, noise_batch_size=16)
+    moves = torch.zeros(10)
+    original = module._minimize
+
+    def counting(x, y, index, init):
+        moves.index_add_(0, y.unique(), torch.ones(len(y.unique())))
+        return original(x, y, index, init)
+
+    module._minimize = counting
+    trainer().fit(module, datamodule=digits(train_subset=80))
+    assert moves.sum() >= 30, moves  # class-sorted order gives 10-14 (each class in 1-2 batches)
 
 
 @pytest.mark.parametrize("mode", ["samplewise", "classwise"])
@@ -97,7 +171,7 @@ def test_round_cap_holds_on_an_impossible_target(mode):
     t = trainer()
     t.fit(module, datamodule=digits(train_subset=30))
     assert module.rounds == 2 and module.surrogate_steps == 6 and t.global_step == 6
-    assert module.last_accuracy <= 1.0
+    assert module.pass_accuracy <= 1.0
     assert module.noise.shape == ((10, 1, 8, 8) if mode == "classwise" else (1347, 1, 8, 8))
 
 
@@ -294,7 +368,7 @@ def test_ddp_samplewise_noise_and_file_equal_one_process(tmp_path):
     two_cfg = _config(tmp_path, "samplewise", "two", 16)
     run_ue("fit", "--config", str(two_cfg), *DDP, env=ONE_THREAD)
     two = torch.load(tmp_path / "two/ckpt/last.ckpt", weights_only=False)[CHECKPOINT_KEY]
-    assert one.rounds == two["rounds"] == 2 and one.last_accuracy == two["last_accuracy"]
+    assert one.rounds == two["rounds"] == 2 and one.pass_accuracy == two["pass_accuracy"]
     assert one.noise.abs().max() > 0
     assert torch.equal(one.noise, two["noise"])
 
@@ -317,7 +391,7 @@ def test_ddp_classwise_noise_equals_one_process(tmp_path):
     one = _fit_in_process(_config(tmp_path, "classwise", "one", 32))
     run_ue("fit", "--config", str(_config(tmp_path, "classwise", "two", 16)), *DDP, env=ONE_THREAD)
     two = torch.load(tmp_path / "two/ckpt/last.ckpt", weights_only=False)[CHECKPOINT_KEY]
-    assert one.rounds == two["rounds"] == 2 and one.last_accuracy == two["last_accuracy"]
+    assert one.rounds == two["rounds"] == 2 and one.pass_accuracy == two["pass_accuracy"]
     assert one.noise.abs().max() > 0
     assert torch.equal(one.noise, two["noise"])
     assert torch.equal(one.class_delta(), (two["noise"] * 255).round().to(torch.int8))

@@ -8,6 +8,8 @@ device-agnostic and bit-identical on every device.
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import Tensor
 
@@ -35,3 +37,8 @@ def indexed_uniform(index: Tensor, shape: tuple[int, ...], seed: int, salt: int 
     position = torch.arange(n, device=index.device, dtype=torch.int64)
     bits = _hash32(_hash32(key[:, None] ^ position[None, :]) + position[None, :])
     return (bits.to(torch.float64) / 2.0**32).to(torch.float32).reshape(len(index), *shape)
+
+
+def salt_of(*parts: object) -> int:
+    """A 32-bit salt naming one random draw, e.g. ``salt_of("step", 12, "eot", 3, 1)``."""
+    return zlib.crc32(":".join(str(p) for p in parts).encode())

@@ -5,12 +5,25 @@ One *round* alternates
 1. ``train_steps`` SGD steps of a surrogate classifier on perturbed train batches
    ``clamp(x + delta, 0, 1)`` (surrogate in train mode; Lightning runs these as
    ``training_step`` with manual optimisation), then
-2. a noise pass (in ``on_train_batch_end``): PGD *descent* on the surrogate's
-   cross-entropy, warm-started from the stored noise, surrogate frozen in eval mode,
-   over every train sample (sample-wise) or over a stratified subset whose per-sample
-   results move each class's noise to their mean (class-wise), then
-3. the stop check: surrogate accuracy (eval mode) on the perturbed train set (the
-   subset, class-wise) ``>= stop_accuracy`` stops training, as does ``max_rounds``.
+2. the stop check (``stop_on``, below), then
+3. a noise pass (in ``on_train_batch_end``): PGD *descent* on the surrogate's
+   cross-entropy, warm-started from the stored noise, surrogate frozen (BatchNorm in
+   ``pass_mode``, running statistics untouched), over every train sample (sample-wise)
+   or over a stratified subset, shuffled anew each round, whose per-sample results move
+   each class's noise to their mean, batch by batch (class-wise).
+
+The stop rule (``stop_on``):
+
+* ``surrogate`` (default): stop once the surrogate, *in train mode*, classifies the
+  perturbed batches of the round's SGD steps with accuracy >= ``stop_accuracy`` (taken
+  from the forward of each step, before its update). This asks whether the surrogate has
+  *learned* the noise, the property that makes a fresh network learn it too. The noise
+  kept is the one the surrogate learned (no pass after the check).
+* ``noise_pass`` (the reference code's rule): stop once the frozen surrogate (in
+  ``pass_mode``) classifies the train set at its *new* noise with that accuracy. PGD has
+  just fitted this noise to this surrogate, so the rule is met after 2-3 rounds on small
+  sets, while the same surrogate in train mode is still at 20-50% on the noise and the
+  noise is not learned by a fresh network (benchmarks/RESULTS.md, EM diagnosis).
 
 The noise is module state, kept on the CPU (host memory, not the accelerator) and
 saved in the checkpoint, so an interrupted generation resumes and ``ue predict
@@ -20,20 +33,23 @@ rank 0 at every step; ranks instead stay identical by gathering every noise upda
 
 Departures from the reference code (HanxunH/Unlearnable-Examples), on purpose:
 
+* the default stop rule (above);
 * perturbed images are clamped to [0, 1] everywhere (the reference trains the surrogate
   and checks accuracy on the unclamped ``x + delta``; the maintainer called it a bug);
 * the surrogate's batches come from the DataModule's shuffled train loader (the
-  reference's sample-wise loader is unshuffled), the class-wise pass iterates its subset
-  in order (the reference shuffles it with ``drop_last``; every subset sample is used here);
-* the sample-wise stop check reuses the noise pass's forward at each sample's new noise
-  (the surrogate is frozen during the pass, so this equals a separate evaluation pass).
+  reference's sample-wise loader is unshuffled); the class-wise pass uses every subset
+  sample (the reference drops the last incomplete batch);
+* the ``noise_pass`` check reuses the pass's forward at each sample's new noise (the
+  surrogate is frozen during the pass, so this equals a separate evaluation pass).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +59,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, pgd_minimize, project_linf
 from ue_lightning.data.datamodule import stratified_subset
-from ue_lightning.models import build_classifier
+from ue_lightning.models import batchnorm_statistics_frozen, build_classifier
+from ue_lightning.augment import random_crop_flip
 from ue_lightning.modules.generator_base import NoiseGenerator
+from ue_lightning.sample_rng import salt_of
 
 CHECKPOINT_KEY = "error_minimizing_noise"
 NOISE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -89,9 +107,20 @@ class ErrorMinimizingNoise(NoiseGenerator):
         steps: PGD steps per noise pass (None: 20 sample-wise, 1 class-wise).
         train_steps: surrogate SGD steps (train batches) before each noise pass; 0 keeps the
             surrogate fixed at its initialisation and runs a noise pass at every train batch.
-        stop_accuracy: stop once the surrogate's accuracy on the perturbed train set
-            (eval mode; the class-wise subset for class-wise noise) reaches this.
-        max_rounds: stop after this many rounds (None: only the accuracy rule stops).
+        stop_accuracy: stop once the accuracy that ``stop_on`` names reaches this.
+        stop_on: ``surrogate`` (train-mode accuracy of the surrogate on the perturbed
+            batches of the round's SGD steps: has it learned the noise?) or ``noise_pass``
+            (the reference's rule: the frozen surrogate's accuracy on the perturbed train
+            set, the class-wise subset for class-wise noise, right after the pass).
+        pass_mode: BatchNorm mode of the frozen surrogate in the noise pass: ``eval`` (the
+            reference) or ``train`` (batch statistics; running statistics untouched).
+        max_rounds: stop after this many noise passes (None: only the accuracy rule stops).
+        surrogate_augment: train the surrogate on random crops/flips of the perturbed batch
+            (``eot_padding``, ``eot_flip``), so that the noise it learns, and the noise the
+            pass fits to it, survives the victim's augmentation. False: the reference.
+        eot_samples: crop/flip draws per PGD step of the noise pass (expectation over
+            transformations, as REM); 0: the unaugmented image only (the reference).
+        eot_padding, eot_flip: the augmentation of the two options above (CIFAR: 4, True).
         lr, momentum, weight_decay, grad_clip: the surrogate's SGD (constant lr; clip the
             gradient norm at ``grad_clip``, None for no clipping).
         seed: seed of the surrogate's initialisation and of the class-wise subset.
@@ -117,7 +146,13 @@ class ErrorMinimizingNoise(NoiseGenerator):
         steps: int | None = None,
         train_steps: int = 10,
         stop_accuracy: float = 0.99,
+        stop_on: Literal["surrogate", "noise_pass"] = "surrogate",
+        pass_mode: Literal["eval", "train"] = "eval",
         max_rounds: int | None = None,
+        surrogate_augment: bool = True,
+        eot_samples: int = 0,
+        eot_padding: int = 4,
+        eot_flip: bool = True,
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -130,11 +165,17 @@ class ErrorMinimizingNoise(NoiseGenerator):
         super().__init__(epsilon=epsilon, seed=seed)
         if mode not in ("samplewise", "classwise"):
             raise ValueError(f"mode={mode!r}: choose samplewise or classwise")
+        if stop_on not in ("surrogate", "noise_pass"):
+            raise ValueError(f"stop_on={stop_on!r}: choose surrogate or noise_pass")
+        if pass_mode not in ("eval", "train"):
+            raise ValueError(f"pass_mode={pass_mode!r}: choose eval or train")
         if noise_dtype not in NOISE_DTYPES:
             raise ValueError(f"noise_dtype={noise_dtype!r}: choose one of {', '.join(NOISE_DTYPES)}")
         steps = (20 if mode == "samplewise" else 1) if steps is None else steps
         if steps < 1 or train_steps < 0:
             raise ValueError(f"steps={steps} must be >= 1 and train_steps={train_steps} >= 0")
+        if eot_samples < 0 or eot_padding < 0:
+            raise ValueError(f"eot_samples={eot_samples} and eot_padding={eot_padding} must be >= 0")
         if max_rounds is not None and max_rounds < 1:
             raise ValueError(f"max_rounds={max_rounds} must be >= 1 (or None for no cap)")
         if not 0.0 < classwise_subset <= 1.0:
@@ -152,10 +193,13 @@ class ErrorMinimizingNoise(NoiseGenerator):
         self.noise: Tensor | None = None  # (N or K, C, H, W) pixel units, CPU, created in setup()
         self.covered: Tensor | None = None  # bool (N,): samples a sample-wise noise pass has updated
         self.surrogate_steps = 0
-        self.rounds = 0
-        self.last_accuracy = float("nan")
+        self.rounds = 0  # noise passes done
+        self.surrogate_accuracy = float("nan")  # train-mode accuracy on the last round's perturbed batches
+        self.pass_accuracy = float("nan")  # frozen surrogate's accuracy at the noise of the last pass
+        self.stopped = False  # the stop rule or the round cap has ended generation
+        self._round_hits = torch.zeros(2, dtype=torch.long)  # (correct, seen) of this round's SGD steps, this rank
         self._fingerprint: dict[str, Any] | None = None  # of the data the noise belongs to
-        self._loaders: dict[str, DataLoader] = {}
+        self._pass_dataset: Dataset | None = None  # the clean, unaugmented train set of the noise passes
 
     # ------------------------------------------------------------------ state
     def setup(self, stage: str) -> None:
@@ -177,7 +221,7 @@ class ErrorMinimizingNoise(NoiseGenerator):
         elif tuple(self.noise.shape) != shape:
             raise ValueError(f"the restored noise has shape {tuple(self.noise.shape)} but this data needs {shape}: "
                              "use the data settings the generator was fitted with")
-        self._loaders = {}
+        self._pass_dataset = None
 
     @staticmethod
     def _check_same_data(saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -195,7 +239,8 @@ class ErrorMinimizingNoise(NoiseGenerator):
             "covered": self.covered,
             "surrogate_steps": self.surrogate_steps,
             "rounds": self.rounds,
-            "last_accuracy": self.last_accuracy,
+            "surrogate_accuracy": self.surrogate_accuracy,
+            "pass_accuracy": self.pass_accuracy,
             "fingerprint": self._fingerprint,
         }
 
@@ -214,7 +259,9 @@ class ErrorMinimizingNoise(NoiseGenerator):
         self.covered = state["covered"].cpu()
         self.surrogate_steps = int(state["surrogate_steps"])
         self.rounds = int(state["rounds"])
-        self.last_accuracy = float(state["last_accuracy"])
+        self.surrogate_accuracy = float(state.get("surrogate_accuracy", float("nan")))
+        self.pass_accuracy = float(state.get("pass_accuracy", state.get("last_accuracy", float("nan"))))
+        self.stopped = self._stop_reason() is not None  # by this run's rule and cap (a larger cap resumes)
 
     def configure_optimizers(self):
         h = self.hparams
@@ -254,12 +301,18 @@ class ErrorMinimizingNoise(NoiseGenerator):
                              "data.train_subset and data.seed as for `ue fit`")
 
     # ------------------------------------------------------------------ the rounds
-    def _finished(self) -> bool:
+    def _stop_reason(self) -> str | None:
+        """Why generation is over (None: it is not): the accuracy rule or the round cap."""
         h = self.hparams
-        return self.last_accuracy >= h.stop_accuracy or (h.max_rounds is not None and self.rounds >= h.max_rounds)
+        accuracy = self.surrogate_accuracy if h.stop_on == "surrogate" else self.pass_accuracy
+        if self.rounds >= 1 and accuracy >= h.stop_accuracy:  # at least one pass: zero noise is no result
+            return f"{h.stop_on} accuracy {accuracy:.4f} >= stop_accuracy {h.stop_accuracy}"
+        if h.max_rounds is not None and self.rounds >= h.max_rounds:
+            return f"max_rounds={h.max_rounds} reached ({h.stop_on} accuracy {accuracy:.4f})"
+        return None
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
-        if self._finished():  # e.g. resumed from a checkpoint that had already stopped
+        if self.stopped:  # e.g. resumed from a checkpoint that had already stopped
             self.trainer.should_stop = True
             return -1
         return None
@@ -270,7 +323,10 @@ class ErrorMinimizingNoise(NoiseGenerator):
             return None
         x, y, index = batch
         opt = self.optimizers()
-        logits = self.model(x + self.stored_delta(x, y, index))
+        perturbed = x + self.stored_delta(x, y, index)
+        if self.hparams.surrogate_augment:
+            perturbed = random_crop_flip(perturbed, self.hparams.eot_padding, self.hparams.eot_flip)
+        logits = self.model(perturbed)
         loss = F.cross_entropy(logits, y)
         opt.zero_grad()
         self.manual_backward(loss)
@@ -278,34 +334,59 @@ class ErrorMinimizingNoise(NoiseGenerator):
             self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
         self.surrogate_steps += 1
+        self._round_hits += torch.tensor([int((logits.detach().argmax(1) == y).sum()), len(y)])
         self.log("em/surrogate_loss", loss.detach(), prog_bar=True, batch_size=len(y))
         return None
 
+    def _end_of_round_accuracy(self) -> float:
+        """Train-mode accuracy of this round's SGD steps, summed over ranks; resets the count."""
+        hits = self._round_hits.to(self.device)
+        if self.trainer.world_size > 1:
+            hits = self.all_gather(hits).sum(0)
+        self._round_hits = torch.zeros(2, dtype=torch.long)
+        return float(hits[0]) / float(hits[1]) if hits[1] > 0 else float("nan")
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """After every ``train_steps`` surrogate steps (counted across epochs): a noise pass and the stop check."""
+        """After every ``train_steps`` surrogate steps (counted across epochs): the stop check, else a noise pass."""
         if self.surrogate_steps < (self.rounds + 1) * self.hparams.train_steps:
             return
-        was_training = self.model.training
-        self.model.eval()
-        if self.classwise:
-            self._classwise_pass()
-            accuracy = self._classwise_accuracy()
-        else:
-            accuracy = self._samplewise_pass()
-        self.model.train(was_training)
+        self.surrogate_accuracy = self._end_of_round_accuracy()
+        if self.hparams.stop_on == "surrogate" and self._stop(self._stop_reason()):
+            return
+        with self.frozen_surrogate():
+            if self.classwise:
+                self._classwise_pass()
+                self.pass_accuracy = self._classwise_accuracy()
+            else:
+                self.pass_accuracy = self._samplewise_pass()
         self._check_ranks_agree()
         self.rounds += 1
-        self.last_accuracy = accuracy
-        metrics = {"em/round": float(self.rounds), "em/train_acc_perturbed": accuracy}
+        metrics = {"em/round": float(self.rounds), "em/surrogate_acc": self.surrogate_accuracy,
+                   "em/pass_acc": self.pass_accuracy}
         for name, value in metrics.items():
             self.log(name, value, prog_bar=True, logger=False)
         for logger in self.loggers:  # every round, whatever log_every_n_steps says
             logger.log_metrics(metrics, step=self.global_step)
-        if self._finished():
-            self.trainer.should_stop = True
-            why = "accuracy reached stop_accuracy" if accuracy >= self.hparams.stop_accuracy else "max_rounds reached"
-            rank_zero_info(f"EM ({self.hparams.mode}) stops after {self.rounds} rounds: {why} "
-                           f"(perturbed train accuracy {accuracy:.4f})")
+        self._stop(self._stop_reason())
+
+    def _stop(self, reason: str | None) -> bool:
+        if reason is None:
+            return False
+        self.stopped = True
+        self.trainer.should_stop = True
+        rank_zero_info(f"EM ({self.hparams.mode}) stops after {self.rounds} noise passes: {reason}")
+        return True
+
+    @contextmanager
+    def frozen_surrogate(self) -> Iterator[None]:
+        """The surrogate as the noise pass uses it: BatchNorm in ``pass_mode``, running statistics untouched."""
+        was_training = self.model.training
+        self.model.train(self.hparams.pass_mode == "train")
+        try:
+            with batchnorm_statistics_frozen(self.model):
+                yield
+        finally:
+            self.model.train(was_training)
 
     def _check_ranks_agree(self) -> None:
         """Under DDP, every rank must hold the same noise after a pass (cheap checksum)."""
@@ -320,30 +401,34 @@ class ErrorMinimizingNoise(NoiseGenerator):
 
     # ------------------------------------------------------------------ noise passes
     def _pass_loader(self, which: Literal["all", "classwise_subset"]) -> DataLoader:
-        """Unshuffled, unaugmented loader over the train set (or the class-wise subset), sharded over ranks."""
-        if which in self._loaders:
-            return self._loaders[which]
+        """Unaugmented loader over the train set (in order) or the class-wise subset, sharded over ranks.
+
+        The class-wise subset is shuffled anew each round (seeded by ``seed`` and the round,
+        the same on every rank), so that every batch holds samples of most classes and each
+        class's noise moves at nearly every batch, as in the reference.
+        """
         dm = self.trainer.datamodule
-        if getattr(dm, "predict_split", "train") != "train":
-            raise ValueError("EM iterates the clean train set through predict_dataloader(): set "
-                             "`data.predict_split: train`")
-        dataset: Dataset = dm.predict_dataloader().dataset
-        if which == "classwise_subset" and self.hparams.classwise_subset < 1.0:
+        if self._pass_dataset is None:
+            if getattr(dm, "predict_split", "train") != "train":
+                raise ValueError("EM iterates the clean train set through predict_dataloader(): set "
+                                 "`data.predict_split: train`")
+            self._pass_dataset = dm.predict_dataloader().dataset
+        dataset: Dataset = self._pass_dataset
+        if which == "classwise_subset":
             labels = dm.clean_split("train").targets[dm.train_indices()]
             size = max(1, round(self.hparams.classwise_subset * len(labels)))
-            dataset = Subset(dataset, stratified_subset(labels, size, self.seed).tolist())
+            subset = stratified_subset(labels, size, self.seed)
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.rounds))
+            dataset = Subset(dataset, subset[order].tolist())
         sampler = None
         if self.trainer.world_size > 1:
             sampler = DistributedSampler(dataset, num_replicas=self.trainer.world_size,
                                          rank=self.trainer.global_rank, shuffle=False)
         batch_size = self.hparams.noise_batch_size or dm.eval_batch_size
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler,
-                            num_workers=dm.num_workers, persistent_workers=dm.num_workers > 0,
-                            pin_memory=torch.cuda.is_available())
-        self._loaders[which] = loader
-        return loader
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=dm.num_workers,
+                          pin_memory=torch.cuda.is_available())
 
-    def _batches(self, which: Literal["all", "classwise_subset"]):
+    def _batches(self, which: Literal["all", "classwise_subset"]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         for x, y, index in self._pass_loader(which):
             yield x.to(self.device), y.to(self.device), index.to(self.device)
 
@@ -353,16 +438,31 @@ class ErrorMinimizingNoise(NoiseGenerator):
             return t.cpu()
         return self.all_gather(t).flatten(0, 1).cpu()
 
-    def _minimize(self, x: Tensor, y: Tensor, init: Tensor) -> Tensor:
-        return pgd_minimize(cross_entropy_sum(self.model, y), x, radius=self.radius, step_size=self.step_size,
-                            steps=self.steps, init=init)
+    def _minimize(self, x: Tensor, y: Tensor, index: Tensor, init: Tensor) -> Tensor:
+        """PGD descent from ``init``; with ``eot_samples``, on the loss summed over per-sample crop/flips.
+
+        The draws are a function of (seed, sample index, round, PGD step, draw): a sample gets
+        the same noise whatever its batch or DDP rank.
+        """
+        h = self.hparams
+        loss = cross_entropy_sum(self.model, y)
+        if h.eot_samples:
+            pgd_step = itertools.count()  # PGD calls the loss once per step: a fresh draw each step
+
+            def loss(xp: Tensor, ce=loss) -> Tensor:
+                k = next(pgd_step)
+                return sum(ce(random_crop_flip(xp, h.eot_padding, h.eot_flip, index=index, seed=self.seed,
+                                               salt=salt_of("em", self.rounds, k, e)))
+                           for e in range(h.eot_samples))
+
+        return pgd_minimize(loss, x, radius=self.radius, step_size=self.step_size, steps=self.steps, init=init)
 
     def _samplewise_pass(self) -> float:
         """PGD descent on every train sample from its stored noise; returns the accuracy at the new noise."""
         seen = torch.zeros(len(self.noise), dtype=torch.bool)
         correct = total = 0
         for x, y, index in self._batches("all"):
-            delta = self._minimize(x, y, self.stored_delta(x, y, index))
+            delta = self._minimize(x, y, index, self.stored_delta(x, y, index))
             with torch.no_grad():
                 hit = (self.model(x + delta).argmax(1) == y).to(torch.uint8)
             index, delta, hit = self._gather(index), self._gather(delta), self._gather(hit)
@@ -377,7 +477,7 @@ class ErrorMinimizingNoise(NoiseGenerator):
         """Per batch: one PGD descent per sample from its class noise; each class noise := mean of its samples'."""
         seen = torch.zeros(self.trainer.datamodule.num_train_samples, dtype=torch.bool)
         for x, y, index in self._batches("classwise_subset"):
-            eta = self._minimize(x, y, self.stored_delta(x, y, index))
+            eta = self._minimize(x, y, index, self.stored_delta(x, y, index))
             index, y, eta = self._gather(index), self._gather(y), self._gather(eta)
             keep = first_unseen(index, seen)
             order = index[keep].argsort()  # sum in index order: the same on one rank or many

@@ -30,7 +30,6 @@ Units: configs give every budget in 1/255 (``epsilon: 8``); attributes ending in
 
 from __future__ import annotations
 
-import zlib
 from contextlib import contextmanager
 from typing import Callable, Iterator, Literal, Protocol
 
@@ -43,7 +42,7 @@ from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, input_grad
 from ue_lightning.augment import random_crop_flip
 from ue_lightning.models import build_classifier
 from ue_lightning.modules.generator_base import NoiseGenerator
-from ue_lightning.sample_rng import indexed_uniform
+from ue_lightning.sample_rng import indexed_uniform, salt_of
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -73,11 +72,6 @@ def score_norm(score_fn: ScoreFn, x: Tensor, y: Tensor) -> Tensor:
 def round_to_pixel_grid(x: Tensor) -> Tensor:
     """Round images in [0, 1] to the 1/255 grid (what a uint8 protected image stores)."""
     return (x * 255.0).round().clamp(0, 255) / 255.0
-
-
-def salt_of(*parts: object) -> int:
-    """A 32-bit salt naming one random draw, e.g. ``salt_of("step", 12, "eot", 3, 1)``."""
-    return zlib.crc32(":".join(str(p) for p in parts).encode())
 
 
 def load_score_model(checkpoint_path: str, *, num_classes: int, in_channels: int, image_size: int) -> ScoreModel:
