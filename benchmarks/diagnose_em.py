@@ -25,17 +25,23 @@ import torch.nn.functional as F
 
 from ue_lightning.attacks import cross_entropy_sum, pgd_minimize
 from ue_lightning.augment import random_crop_flip
+from ue_lightning.data import NoiseFile
 from ue_lightning.data.datamodule import stratified_subset
 from ue_lightning.models import build_classifier
 
 NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg75-subset.npz"
 
 
-def load(n: int, seed: int = 0):
+def load(n: int, seed: int = 0, noise: str | None = None):
+    """Train subset (as UEDataModule(train_subset=n, seed=seed) picks it), optionally protected by a noise file."""
     d = np.load(NPZ)
     y = torch.from_numpy(d["y_train"]).long()
     keep = stratified_subset(y, n, seed)
-    x = torch.from_numpy(d["x_train"][keep.numpy()]).permute(0, 3, 1, 2).float() / 255
+    x = torch.from_numpy(d["x_train"][keep.numpy()]).permute(0, 3, 1, 2)
+    if noise is not None:
+        delta = torch.from_numpy(np.asarray(NoiseFile.open(noise).delta)[keep.numpy()])
+        x = (x.short() + delta.short()).clamp(0, 255).to(torch.uint8)
+    x = x.float() / 255
     xt = torch.from_numpy(d["x_test"]).permute(0, 3, 1, 2).float() / 255
     return x, y[keep], xt, torch.from_numpy(d["y_test"]).long()
 
@@ -145,13 +151,16 @@ def main() -> None:
     p.add_argument("--no-victim-augment", dest="victim_augment", action="store_false",
                    help="train the victim without crop+flip")
     p.add_argument("--load", type=str, default=None, help="a protected set saved by --out: skip generation")
+    p.add_argument("--noise", type=str, default=None, help="a package noise file: train the victim on it")
     p.add_argument("--out", type=str, default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
-    x, y, xt, yt = load(args.n)
+    x, y, xt, yt = load(args.n, noise=args.noise)
     t0 = time.time()
     if args.load:
         xp = torch.load(args.load)["x"]
+    elif args.noise:
+        xp = x
     else:
         xp = x if args.clean else em(x, y, args)
     print(f"generation took {time.time() - t0:.0f} s", flush=True)

@@ -218,11 +218,12 @@ def test_ue_predict_writes_baseline_noise_files(tmp_path, digits_victim):
     cfg = REPO / "configs" / "generator"
     dm = UEDataModule("digits")
     out = {name: tmp_path / f"{name}.safetensors" for name in ("random", "lsp", "tap")}
+    eight = ("--data.resize", "8")  # the 8x8 digits of digits_victim
     run_ue("predict", "--config", str(cfg / "random-digits.yaml"), "--trainer.callbacks.output", str(out["random"]),
-           "--data.eval_batch_size", "100", cwd=tmp_path)
+           "--data.eval_batch_size", "100", *eight, cwd=tmp_path)
     run_ue("predict", "--config", str(cfg / "lsp-digits.yaml"), "--trainer.callbacks.output", str(out["lsp"]),
-           cwd=tmp_path)
-    run_ue("predict", "--config", str(cfg / "tap-digits.yaml"), "--trainer.callbacks.output", str(out["tap"]),
+           *eight, cwd=tmp_path)
+    run_ue("predict", "--config", str(cfg / "tap-digits.yaml"), "--trainer.callbacks.output", str(out["tap"]), *eight,
            "--model.init_args.classifier_checkpoint", str(digits_victim), "--model.init_args.steps", "2",
            "--model.init_args.step_size", "4", cwd=tmp_path)
     random = _check_file(out["random"], "random", 8, dm)

@@ -55,6 +55,15 @@ def test_npz_and_digits(fake_npz):
     assert (npz.num_classes, npz.in_channels, npz.image_size, npz.num_train_samples) == (10, 3, 16, 60)
     digits = UEDataModule("digits")
     assert (digits.num_classes, digits.in_channels, digits.image_size, digits.num_train_samples) == (10, 1, 8, 1347)
+    big = UEDataModule("digits", resize=16)  # pixel repetition: same grey levels, each pixel a 2x2 block
+    assert big.image_size == 16
+    small, large = digits.clean_split("train").images, big.clean_split("train").images
+    assert torch.equal(large, small.repeat_interleave(2, -1).repeat_interleave(2, -2))
+    assert big.clean_split("train").fingerprint() != digits.clean_split("train").fingerprint()
+    with pytest.raises(ValueError, match="whole factor"):
+        UEDataModule("digits", resize=12).clean_split("train")
+    with pytest.raises(ValueError, match="remove data.resize"):
+        UEDataModule("npz", root=str(fake_npz), resize=16).clean_split("train")
     images = digits.clean_split("test").images
     assert images.dtype == torch.uint8 and images.max() == 255 and len(images) == 450
 

@@ -1,21 +1,21 @@
-"""Protection that could fail: the README's pipeline on the embedded digits, end to end.
+"""Protection that could fail: the README's pipeline on the embedded digits, end to end, at 1 and 2 threads.
 
-Score estimator -> data-collapse generator -> noise file -> victims on clean and on
-protected digits, through `ue_lightning.pipeline.run_pipeline` (what `ue pipeline` runs).
+EM class-wise noise -> noise file -> victims on clean and on protected digits (16x16, see the
+README's digits notes), through `ue_lightning.pipeline.run_pipeline` (what `ue pipeline` runs).
 
-Bound: the victim trained on protected digits must lose at least 10 points of clean test
-accuracy against the victim trained on clean digits. Measured on the CI machine (2 CPU
-cores, seeds fixed, deterministic CPU kernels): 96.4% clean vs 75.6% protected, a 20.8-point
-gap, so the bound leaves a 10-point margin for numerical differences between machines.
-It fails if the noise is not applied, is too weak, or is not learned as a shortcut. It is
-not "far below chance": at 8/255 on 8x8 digits with saturated backgrounds the noise is
-weak (see benchmarks/RESULTS.md for CIFAR-scale figures).
+Bound: the victim trained on protected digits must score at least 30 points of clean test
+accuracy below the victim trained on clean digits, with the torch thread count at 1 and at 2
+(the float results differ between thread counts; the verdict must not). Measured on the CI
+machine (2 CPU cores): see benchmarks/RESULTS.md ("Digits pipeline"); the bound leaves a margin
+of more than 10 points below the smallest measured gap. It fails if the noise is not applied,
+is too weak, or is not learned as a shortcut.
 """
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import REPO
@@ -23,18 +23,27 @@ from ue_lightning.data import NoiseFile, UEDataModule
 from ue_lightning.pipeline import run_pipeline
 
 
-def test_pipeline_protects_digits(tmp_path, monkeypatch):
+@pytest.fixture
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_pipeline_protects_digits(tmp_path, monkeypatch, threads):
     monkeypatch.chdir(tmp_path)  # the configs' relative runs/ folders land here
-    torch.set_num_threads(1)
     results = run_pipeline(score=str(REPO / "configs/score/digits.yaml"),
-                           generators={"collapse": str(REPO / "configs/generator/collapse-digits.yaml")},
+                           generators={"em-classwise": str(REPO / "configs/generator/em-classwise-digits.yaml")},
                            victim=str(REPO / "configs/victim/digits.yaml"), workdir="work")
-    clean, protected = results["clean"]["rho_a=0"], results["collapse"]["rho_a=0"]
-    assert clean > 0.9
-    assert protected < clean - 0.10, results
+    clean, protected = results["clean"]["rho_a=0"], results["em-classwise"]["rho_a=0"]
+    assert clean["test_acc"] > 0.9 and clean["train_acc"] > 0.9  # the victim learns clean digits
+    assert protected["train_acc"] > 0.9, results  # ... and it learns the protected ones (the noise)
+    assert protected["test_acc"] < clean["test_acc"] - 0.30, results
     assert json.loads((tmp_path / "work" / "results.json").read_text()) == results
 
-    noise = NoiseFile.open(tmp_path / "work" / "noise" / "collapse.safetensors")
-    noise.check_matches(UEDataModule("digits").clean_split("train").fingerprint())
-    assert noise.metadata.method == "collapse" and noise.max_abs() <= 8
-    assert bool((torch.from_numpy(noise.covered.copy()) == 1).all())
+    noise = NoiseFile.open(tmp_path / "work" / "noise" / "em-classwise.safetensors")
+    noise.check_matches(UEDataModule("digits", resize=16).clean_split("train").fingerprint())
+    assert noise.metadata.method == "em-classwise" and noise.classwise and 16 < noise.max_abs() <= 32

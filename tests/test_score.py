@@ -180,7 +180,7 @@ def test_several_sigmas_condition_on_the_level_and_score_uses_the_smallest():
 
 def test_ue_fit_digits_config_writes_a_checkpoint_load_for_accepts(tmp_path: Path):
     # run in tmp_path: the config's checkpoint dirpath (runs/score/digits/checkpoints) is relative
-    run_ue("fit", "--config", str(REPO / "configs/score/digits.yaml"), "--trainer.max_steps", "4",
+    run_ue("fit", "--config", str(REPO / "configs/score/digits.yaml"), "--data.resize", "8", "--trainer.max_steps", "4",
            "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path / "root"),
            "--trainer.enable_progress_bar", "false", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     last = tmp_path / "runs/score/digits/checkpoints/last.ckpt"

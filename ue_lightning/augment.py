@@ -34,9 +34,9 @@ def crop_flip(x: Tensor, shift_y: Tensor, shift_x: Tensor, flip: Tensor, padding
     rows = shift_y[:, None] + torch.arange(h, device=x.device)  # (B, H)
     cols = shift_x[:, None] + torch.arange(w, device=x.device)  # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols)
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2)
+    flat = (rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]).reshape(b, 1, h * w)  # (B, 1, H*W)
+    out = padded.reshape(b, c, -1).gather(2, flat.expand(b, c, h * w))
+    return out.reshape(b, c, h, w)
 
 
 def random_crop_flip(x: Tensor, padding: int, flip: bool = True, *, index: Tensor | None = None,

@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -38,6 +41,15 @@ def _cli(config: str, root: Path, *overrides: str):
     return build_cli(args, run=False)
 
 
+@contextmanager
+def _stage(title: str) -> Iterator[None]:
+    """Announce a stage and say how long it took."""
+    print(f"== {title}", flush=True)
+    start = time.time()
+    yield
+    print(f"   ({time.time() - start:.0f} s)", flush=True)
+
+
 def _write_json(path: Path, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
@@ -56,16 +68,18 @@ def run_pipeline(
 
     Args:
         score: ScoreEstimator config (None: skip, for generators that need no score model).
-        generators: name -> generator config (default: REM and collapse on the embedded digits).
+        generators: name -> generator config (default: EM class-wise and sample-wise, REM and collapse on
+            the embedded digits).
         victim: VictimClassifier config (its data section is the one the victims train on).
         adv_radii: adversarial-training radii of the victims, in 1/255 units (0: standard training).
         workdir: where checkpoints, noise files and ``results.json`` go.
 
     Returns:
-        ``{train data name: {"rho_a=R": clean test accuracy}}``.
+        ``{train data name: {"rho_a=R": {"train_acc": ..., "test_acc": ...}}}``, accuracies in [0, 1]
+        (``test_acc``: on the clean test set, the measure of protection).
     """
     generators = generators if generators is not None else {
-        "rem": "configs/generator/rem-digits.yaml", "collapse": "configs/generator/collapse-digits.yaml"}
+        name: f"configs/generator/{name}-digits.yaml" for name in ("em-classwise", "em-samplewise", "rem", "collapse")}
     adv_radii = adv_radii if adv_radii is not None else [0.0]
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -74,45 +88,73 @@ def run_pipeline(
 
     score_ckpt = None
     if score and any(_uses_score_model(c) for c in generators.values()):
-        print(f"== score estimator ({score})")
-        cli = _cli(score, work / "score")
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        score_ckpt = work / "score.ckpt"
-        cli.trainer.save_checkpoint(score_ckpt)
+        with _stage(f"score estimator ({score})"):
+            cli = _cli(score, work / "score")
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            score_ckpt = work / "score.ckpt"
+            cli.trainer.save_checkpoint(score_ckpt)
 
     noise_files: dict[str, Path] = {}
     for name, config in generators.items():
-        print(f"== generator {name} ({config})")
         extra = ["--model.init_args.score_checkpoint", str(score_ckpt)] if _uses_score_model(config) and score_ckpt else []
-        cli = _cli(config, work / "generator" / name, *extra)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         output = work / "noise" / f"{name}.safetensors"
-        cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, PerturbationWriter)]
-        cli.trainer.callbacks.append(PerturbationWriter(str(output)))
-        cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
+        with _stage(f"generator {name} ({config})"):
+            cli = _cli(config, work / "generator" / name, *extra)
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, PerturbationWriter)]
+            cli.trainer.callbacks.append(PerturbationWriter(str(output)))
+            cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
         noise_files[name] = output
 
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, dict[str, float]]] = {}
     for data_name, noise in [("clean", None), *noise_files.items()]:
         for radius in adv_radii:
-            print(f"== victim on {data_name} data, rho_a = {radius:g}/255")
             extra = ["--model.init_args.adv_radius", str(radius)]
             if noise is not None:
                 extra += ["--data.perturbation", str(noise)]
-            cli = _cli(victim, work / "victim" / f"{data_name}-rho{radius:g}", *extra)
-            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-            metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-            results.setdefault(data_name, {})[f"rho_a={radius:g}"] = float(metrics["test/acc"])
+            with _stage(f"victim on {data_name} data, rho_a = {radius:g}/255"):
+                cli = _cli(victim, work / "victim" / f"{data_name}-rho{radius:g}", *extra)
+                cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+                train_acc = float(cli.trainer.callback_metrics["train/acc"])  # last epoch, on its (protected) data
+                metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+            cell = {"train_acc": train_acc, "test_acc": float(metrics["test/acc"])}
+            results.setdefault(data_name, {})[f"rho_a={radius:g}"] = cell
             _write_json(work / "results.json", results)
 
     print(format_table(results))
+    print(format_verdicts(results))
     return results
 
 
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    """Markdown table: rows = train data, columns = adversarial radius, cells = clean test accuracy (%)."""
+def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown table: rows = train data, columns = adversarial radius, cells = train / clean test accuracy (%)."""
     columns = list(next(iter(results.values())).keys())
     lines = ["| train data | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, row in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * row[c]:.1f}" for c in columns) + " |")
-    return "clean test accuracy (%) of victims\n" + "\n".join(lines)
+        cells = [f"{100 * row[c]['train_acc']:.1f} / {100 * row[c]['test_acc']:.1f}" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "victims: train accuracy (last epoch, on the data they trained on) / clean test accuracy (%)\n" + "\n".join(lines)
+
+
+def verdict(protected: float, clean: float) -> str:
+    """One word for a drop in clean test accuracy (both in [0, 1])."""
+    drop = clean - protected
+    if drop >= 0.4:
+        return "protected"
+    if drop >= 0.1:
+        return "partly protected"
+    return "NOT protected"
+
+
+def format_verdicts(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A line per noise and radius: its victim's clean test accuracy against the clean victim's."""
+    lines = []
+    for name, row in results.items():
+        if name == "clean":
+            continue
+        for column, cell in row.items():
+            clean = results["clean"][column]["test_acc"]
+            radius = "" if column == "rho_a=0" else f" ({column}/255)"
+            lines.append(f"{name}{radius}: {100 * cell['test_acc']:.1f}% vs {100 * clean:.1f}% on clean data "
+                         f"-> {verdict(cell['test_acc'], clean)}")
+    return "\n".join(lines)

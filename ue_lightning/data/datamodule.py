@@ -80,8 +80,8 @@ def _augmentation(dataset: str, image_shape: tuple[int, int, int], crop: int, tr
         steps = [v2.RandomResizedCrop(crop, antialias=True), v2.RandomHorizontalFlip()] if train else [v2.CenterCrop(crop)]
     elif not train:
         steps = []
-    elif dataset == "digits":  # digits are not mirror-symmetric
-        steps = [v2.RandomCrop(image_shape[1], padding=1)]
+    elif dataset == "digits":  # digits are not mirror-symmetric; crop by one digit pixel (1/8 of the side)
+        steps = [v2.RandomCrop(image_shape[1], padding=image_shape[1] // 8)]
     else:
         steps = [v2.RandomCrop(image_shape[1], padding=image_shape[1] // 8), v2.RandomHorizontalFlip()]
     return v2.Compose([*steps, to_float])
@@ -106,7 +106,8 @@ class UEDataModule(L.LightningDataModule):
             generators turn it off, victims keep it on.
         max_classes: keep the first (sorted) class folders of ``imagenet_subset`` (default 100)
             or ``folder`` (default all).
-        resize: folder datasets: the square size images are stored at (noise is added here).
+        resize: the square size images are stored at (noise is added here): folder datasets
+            (None: 256) and the digits (None: 8; 16 enlarges them by pixel repetition).
         crop: folder datasets: model input size (random-resized crop in training, centre crop in test).
         seed: seed of ``train_subset`` and of the ``protected_fraction`` choice.
         predict_split: split served by ``predict`` (``train`` to generate noise), clean,
@@ -126,7 +127,7 @@ class UEDataModule(L.LightningDataModule):
         protected_fraction: float = 1.0,
         augment: bool = True,
         max_classes: int | None = None,
-        resize: int = 256,
+        resize: int | None = None,
         crop: int = 224,
         seed: int = 0,
         predict_split: Literal["train", "test"] = "train",

@@ -160,16 +160,21 @@ def load_npz(path: str | Path, train: bool) -> ImageArray:
                       channels_last=x.ndim == 4, class_names=names)
 
 
-def load_digits(train: bool) -> ImageArray:
+def load_digits(train: bool, size: int = 8) -> ImageArray:
     """scikit-learn's digits (1797 real 8x8 greyscale images, 10 classes), shipped in the package.
 
-    Pixels 0-16 are scaled to 0-255. The split is fixed: every fourth image (index % 4 == 0)
-    is the test set (450 images), the rest the train set (1347 images).
+    Pixels 0-16 are scaled to 0-255 (17 grey levels, 16/255 apart). The split is fixed: every
+    fourth image (index % 4 == 0) is the test set (450 images), the rest the train set (1347).
+    ``size`` (a multiple of 8) enlarges each image by pixel repetition (nearest neighbour):
+    no new grey levels, no new detail, only room for a perturbation finer than a digit pixel.
     """
+    if size < 8 or size % 8:
+        raise ValueError(f"digits size={size}: the 8x8 digits are enlarged by a whole factor; use 8, 16, 24 or 32")
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()
     images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)
+    images = images.repeat(size // 8, axis=1).repeat(size // 8, axis=2)
     keep = (np.arange(len(images)) % 4 != 0) if train else (np.arange(len(images)) % 4 == 0)
     return ImageArray(images[keep], d.target[keep], name="digits", split="train" if train else "test",
                       num_classes=10)
@@ -220,10 +225,18 @@ DATASETS = ("digits", "cifar10", "cifar100", "imagenet_subset", "folder", "npz")
 
 
 def load_dataset(name: str, root: str | Path, train: bool, *, download: bool = False,
-                 num_classes: int | None = None, resize: int = 256) -> CleanImages:
-    """Load one split of a dataset by name (see :data:`DATASETS`)."""
+                 num_classes: int | None = None, resize: int | None = None) -> CleanImages:
+    """Load one split of a dataset by name (see :data:`DATASETS`).
+
+    ``resize``: the stored square size of folder datasets (None: 256) or of the digits
+    (None: 8; a multiple of 8). CIFAR and npz images are used as stored.
+    """
     if name == "digits":
-        return load_digits(train)
+        return load_digits(train, size=resize or 8)
+    if resize is not None and name not in ("imagenet_subset", "folder"):
+        raise ValueError(f"resize={resize} is for folder datasets and the digits; {name} images are used as stored "
+                         "(remove data.resize)")
+    resize = resize or 256
     if name in ("cifar10", "cifar100"):
         return load_cifar(name, root, train, download)
     if name == "npz":

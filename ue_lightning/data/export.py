@@ -100,7 +100,7 @@ def export_protected(
     root: str = "data",
     format: Literal["png", "cifar"] = "png",
     max_classes: int | None = None,
-    resize: int = 256,
+    resize: int | None = None,
 ) -> Path:
     """Write the protected train split (and the clean test split) of ``dataset`` to ``output``.
 

@@ -1,0 +1,215 @@
+"""The CPU protection protocol: does each generator's noise make a victim that learns its data fail?
+
+    python benchmarks/protection_cpu.py                      # everything, 2 processes at once
+    python benchmarks/protection_cpu.py --only clean,em-samplewise --seeds 0,1,2 --radii 0
+    python benchmarks/protection_cpu.py --table              # print the table of what is done
+
+Protocol (CPU scale, NOT the papers' protocol; say so wherever a figure is quoted):
+
+- data: ../shared/data/cifar10-jpeg75-subset.npz (real CIFAR-10, JPEG q75 copy), a seeded,
+  class-stratified 5000-image train subset (500 a class); the whole 10000-image test set;
+- one noise file per generator, from its `configs/generator/<name>-cifar10-npz-cpu.yaml`
+  (collapse first fits `configs/score/cifar10-npz-cpu.yaml`);
+- victims: `configs/data/cifar10-npz-cpu.yaml` + `configs/victim/resnet18-cpu.yaml`
+  (ResNet-18 at width 16, 15 epochs of batch 128, SGD 0.1 cosine, crop + flip), standard
+  training with victim seeds 0, 1, 2; PGD adversarial training at rho_a 2/255 and 4/255 with
+  3 steps of rho_a/2 (REM evaluates with 10 of rho_a/4: 3.7x the cost) for clean, EM
+  sample-wise, REM and collapse, seed 0;
+- every victim reports its train accuracy (last epoch, on the augmented data it trained on)
+  and its clean test accuracy.
+
+Every stage is a subprocess with one torch thread (OMP_NUM_THREADS=1), `--jobs` at once.
+Outputs go to benchmarks/out/cpu-protocol/ (not committed): a stage whose result file exists
+is skipped, so a killed run resumes where it stopped (a generator fit resumes from its
+last.ckpt). Timings go to timings.jsonl there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "benchmarks" / "out" / "cpu-protocol"
+NPZ = REPO.parent / "shared" / "data" / "cifar10-jpeg75-subset.npz"
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+DATA = ["--data.root", str(NPZ)]
+GENERATORS = ("em-samplewise", "em-classwise", "rem", "collapse", "tue")
+NEEDS_SCORE = ("collapse",)
+AT_DATA = ("clean", "em-samplewise", "rem", "collapse")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically: a killed run never leaves a half-written result behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def run(name: str, args: list[str], log: Path) -> None:
+    """Run ``python benchmarks/protection_cpu.py ARGS`` or ``ue ARGS`` with one thread; raise on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[{time.strftime('%H:%M:%S')}] start {name}", flush=True)
+    start = time.time()
+    with open(log, "w") as f:
+        f.write(" ".join(args) + "\n")
+        f.flush()
+        proc = subprocess.run([sys.executable, *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    took = (time.time() - start) / 60
+    print(f"[{time.strftime('%H:%M:%S')}] done  {name} in {took:.1f} min (exit {proc.returncode})", flush=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed; see {log}:\n" + log.read_text()[-3000:])
+    with open(OUT / "timings.jsonl", "a") as f:
+        f.write(json.dumps({"stage": name, "minutes": round(took, 2), "threads": 1}) + "\n")
+
+
+def ue(*args: str) -> list[str]:
+    return ["-m", "ue_lightning.cli", *args]
+
+
+# ---------------------------------------------------------------------------------- stages
+def score_stage() -> Path:
+    ckpt = OUT / "score" / "last.ckpt"
+    if not ckpt.exists():
+        run("score", ue("fit", "--config", "configs/score/cifar10-npz-cpu.yaml", *DATA, *QUIET,
+                        "--trainer.default_root_dir", str(OUT / "score"),
+                        "--trainer.callbacks.dirpath", str(OUT / "score")), OUT / "logs" / "score.log")
+    return ckpt
+
+
+def generator_stage(name: str) -> Path:
+    """Fit (resuming from last.ckpt) and predict one generator's noise file."""
+    noise = OUT / "noise" / f"{name}.safetensors"
+    if noise.exists():
+        return noise
+    folder = OUT / "generator" / name
+    config = f"configs/generator/{name}-cifar10-npz-cpu.yaml"
+    callbacks = json.dumps([
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(folder), "save_last": True, "save_top_k": 0, "enable_version_counter": False,
+                       "every_n_train_steps": 10}},
+        {"class_path": "ue_lightning.callbacks.PerturbationWriter", "init_args": {"output": str(noise)}}])
+    extra = ["--model.init_args.score_checkpoint", str(score_stage())] if name in NEEDS_SCORE else []
+    base = ["--config", config, *DATA, *QUIET, *extra, "--trainer.default_root_dir", str(folder),
+            "--trainer.callbacks", callbacks]
+    ckpt = folder / "last.ckpt"
+    if not (folder / "fit.done").exists():
+        resume = ["--ckpt_path", str(ckpt)] if ckpt.exists() else []
+        run(f"{name} fit", ue("fit", *base, *resume), OUT / "logs" / f"{name}-fit.log")
+        (folder / "fit.done").touch()
+    run(f"{name} predict", ue("predict", *base, "--ckpt_path", str(ckpt)), OUT / "logs" / f"{name}-predict.log")
+    return noise
+
+
+def victim_tag(data: str, radius: float, seed: int) -> str:
+    return f"{data}-rho{radius:g}-seed{seed}"
+
+
+def victim_stage(data: str, radius: float, seed: int) -> dict:
+    tag = victim_tag(data, radius, seed)
+    result = OUT / "victim" / tag / "result.json"
+    if result.exists():
+        return json.loads(result.read_text())
+    noise = None if data == "clean" else str(generator_stage(data))
+    run(f"victim {tag}", [__file__, "--cell", data, str(radius), str(seed), *(["--noise", noise] if noise else [])],
+        OUT / "logs" / f"victim-{tag}.log")
+    return json.loads(result.read_text())
+
+
+def victim_cell(data: str, radius: float, seed: int, noise: str | None) -> None:
+    """In a subprocess: fit and test one victim through the package's CLI, write its result.json."""
+    from ue_lightning.cli import build_cli
+
+    tag = victim_tag(data, radius, seed)
+    folder = OUT / "victim" / tag
+    args = ["--config", "configs/data/cifar10-npz-cpu.yaml", "--config", "configs/victim/resnet18-cpu.yaml", *DATA,
+            *QUIET, "--seed_everything", str(seed), "--data.eval_batch_size", "500",
+            "--trainer.default_root_dir", str(folder), "--trainer.callbacks", "[]",
+            "--trainer.enable_checkpointing", "false", "--trainer.check_val_every_n_epoch", "100",
+            "--model.init_args.adv_radius", str(radius), "--model.init_args.adv_steps", "3",
+            "--model.init_args.adv_step_size", str(radius / 2)]
+    if noise:
+        args += ["--data.perturbation", noise]
+    cli = build_cli(args, run=False)
+    start = time.time()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    train_acc = float(cli.trainer.callback_metrics["train/acc"])
+    test_acc = float(cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]["test/acc"])
+    write_json(folder / "result.json", {"data": data, "rho_a": radius, "seed": seed, "train_acc": train_acc,
+                                        "test_acc": test_acc, "minutes": round((time.time() - start) / 60, 2),
+                                        "threads": 1})
+
+
+# ---------------------------------------------------------------------------------- the table
+def collect() -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((OUT / "victim").glob("*/result.json"))]
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f} (1 seed)"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f} ({len(values)} seeds)"
+
+
+def table(results: list[dict]) -> str:
+    names = ["clean", *GENERATORS]
+    radii = sorted({r["rho_a"] for r in results})
+    lines = ["| train data | " + " | ".join(f"rho_a={r:g}: train / test" for r in radii) + " |",
+             "|---|" + "---|" * len(radii)]
+    for name in names:
+        cells = []
+        for radius in radii:
+            rows = [r for r in results if r["data"] == name and r["rho_a"] == radius]
+            cells.append(f"{mean_std([r['train_acc'] for r in rows])} / {mean_std([r['test_acc'] for r in rows])}"
+                         if rows else "-")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--only", default=",".join(["clean", *GENERATORS]))
+    p.add_argument("--seeds", default="0,1,2", help="victim seeds of standard training")
+    p.add_argument("--radii", default="2,4", help="adversarial-training radii (1/255), seed 0, for " + ",".join(AT_DATA))
+    p.add_argument("--table", action="store_true", help="only print the table of the finished victims")
+    p.add_argument("--cell", nargs=3, metavar=("DATA", "RADIUS", "SEED"), help=argparse.SUPPRESS)
+    p.add_argument("--noise", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.cell:
+        victim_cell(a.cell[0], float(a.cell[1]), int(a.cell[2]), a.noise)
+        return
+    if not a.table:
+        OUT.mkdir(parents=True, exist_ok=True)
+        names = [n for n in a.only.split(",") if n]
+        seeds = [int(s) for s in a.seeds.split(",") if s]
+        radii = [float(r) for r in a.radii.split(",") if r]
+        cells = [(n, 0.0, s) for s in seeds for n in names]
+        cells += [(n, r, 0) for r in radii for n in names if n in AT_DATA]
+        with ThreadPoolExecutor(a.jobs) as pool:
+            # generators first (two at once), then the victims in order: seed 0 of every noise first
+            for future in [pool.submit(generator_stage, n) for n in names if n != "clean"]:
+                future.result()
+            for future in [pool.submit(victim_stage, *cell) for cell in cells]:
+                future.result()
+    text = ("CPU protocol (5000 CIFAR-10 JPEG images, ResNet-18 width 16, 15 epochs; one thread a process): "
+            "victims' train accuracy (last epoch) / clean test accuracy, %\n" + table(collect()))
+    print(text)
+    write_json(OUT / "results.json", {"victims": collect()})
+    (OUT / "results.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
