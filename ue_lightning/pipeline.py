@@ -1,4 +1,4 @@
-"""`ue pipeline`: the whole data flow of DESIGN.md in one command, with a table at the end.
+"""`ue pipeline`: the whole data flow (score model, generators, noise files, victims) in one command, with a table.
 
 score estimator -> noise generators (fit, then predict over the train set into noise
 files) -> victims trained on clean and on each protected train set (at each adversarial
