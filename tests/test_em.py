@@ -375,7 +375,8 @@ def test_ddp_samplewise_noise_and_file_equal_one_process(tmp_path):
     run_ue("predict", "--config", str(two_cfg), "--ckpt_path", str(tmp_path / "two/ckpt/last.ckpt"), *DDP,
            env=ONE_THREAD)
     file_two = NoiseFile.open(tmp_path / "two/noise.safetensors")
-    file_one = write_noise(one, digits(train_subset=201, eval_batch_size=32), tmp_path / "one.safetensors")
+    file_one = write_noise(one, digits(train_subset=201, eval_batch_size=32, resize=16),  # the config's data
+                           tmp_path / "one.safetensors")
     assert np.array_equal(file_one.delta, file_two.delta) and np.array_equal(file_one.covered, file_two.covered)
     assert int(np.asarray(file_two.covered).sum()) == 201 and file_two.max_abs() <= 32
 
