@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -151,3 +153,21 @@ def test_ue_export_command_writes_png_tree(fake_npz, tmp_path):
            "--output", str(tmp_path / "out"))
     assert len(list((tmp_path / "out" / "train").rglob("*.png"))) == 60
     assert len(list((tmp_path / "out" / "val").rglob("*.png"))) == 30
+
+
+@pytest.mark.parametrize("bad", ["../escape", "/tmp/escape", "a/b", "..", "", "dup"])
+def test_export_refuses_class_names_that_are_not_folder_names(tmp_path, bad):
+    rng = np.random.default_rng(0)
+    names = ["dup" if bad == "dup" else f"c{k}" for k in range(10)]
+    names[3] = bad
+    path = tmp_path / "named.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8), y_train=np.arange(20) % 10,
+             x_test=rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8), y_test=np.arange(10) % 10,
+             class_names=np.array(names))
+    dm = UEDataModule("npz", root=str(path))
+    _noise_for(dm, tmp_path / "n.safetensors")
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(ValueError, match="rename"):
+        export_protected(str(tmp_path / "n.safetensors"), str(work / "out"), "npz", root=str(path))
+    assert list(work.iterdir()) == [] and not (tmp_path / "escape").exists() and not Path("/tmp/escape").exists()

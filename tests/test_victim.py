@@ -76,3 +76,14 @@ def test_ddp_fit_checkpoint_evaluates_the_same_in_one_and_two_processes(tmp_path
                                str(tmp_path), *ddp).stdout)
     assert one == pytest.approx(two, abs=1e-6)  # 450 test digits split evenly: no padded duplicates
     assert one > 0.15
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/last.ckpt", "https://example.invalid/x.ckpt", "s3://b/x.ckpt"])
+def test_a_checkpoint_url_is_refused_before_anything_is_fetched(url, monkeypatch):
+    import ue_lightning.cli as cli
+
+    fetched = []
+    monkeypatch.setattr("lightning.fabric.utilities.cloud_io._load", lambda *a, **k: fetched.append(a))
+    with pytest.raises(ValueError, match="local path"):
+        cli.build_cli(["test", *TINY, "--ckpt_path", url])
+    assert not fetched

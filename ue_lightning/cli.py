@@ -27,6 +27,23 @@ class UECLI(LightningCLI):
         for attr in ("num_classes", "in_channels", "image_size"):
             parser.link_arguments(f"data.{attr}", f"model.init_args.{attr}", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is not None:
+            refuse_remote_checkpoint(self.config[self.subcommand].get("ckpt_path"))
+
+
+def refuse_remote_checkpoint(ckpt_path: str | None) -> None:
+    """Refuse a ``--ckpt_path`` URL before anything is downloaded.
+
+    A checkpoint is a pickle: Lightning loads remote ones with ``weights_only=False``,
+    which runs whatever code the file holds, and caches them by file name alone. A local
+    file is loaded by the same code, so the user decides what to trust by downloading it.
+    """
+    if isinstance(ckpt_path, str) and "://" in ckpt_path:
+        raise ValueError(f"--ckpt_path {ckpt_path} is a URL: a checkpoint is a pickle that can run code when "
+                         "loaded, so ue loads local files only; download it from a source you trust and pass "
+                         "the local path")
+
 
 def _import_modules() -> None:
     """Import every LightningModule so configs may name them by class name."""

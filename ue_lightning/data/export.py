@@ -45,8 +45,23 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)
 
 
+def folder_names(class_names: list[str]) -> list[str]:
+    """The class names as folder names, refused unless each is one plain, distinct path component.
+
+    Class names come from the data (an npz's ``class_names``, a stranger's file): ``../x``
+    or ``/tmp/x`` would write outside the output folder.
+    """
+    bad = [n for n in class_names if not n or n in (".", "..") or any(c in n for c in "/\\\0") or n != n.strip()]
+    if bad:
+        raise ValueError(f"class names {bad!r} cannot be folder names (a path separator, '..', an empty or padded "
+                         "name): rename the classes in the dataset (e.g. the npz's class_names) and export again")
+    if len(set(class_names)) != len(class_names):
+        raise ValueError(f"class names {class_names!r} repeat: two classes would share a folder; rename them")
+    return list(class_names)
+
+
 def _write_png_tree(out: Path, clean_train: CleanImages, clean_test: CleanImages, noise: NoiseFile) -> None:
-    names = clean_train.class_names
+    names = folder_names(clean_train.class_names)
     for split in ("train", "val"):
         for name in names:
             (out / split / name).mkdir(parents=True, exist_ok=True)
@@ -117,6 +132,8 @@ def export_protected(
     clean_test = load_dataset(dataset, root, False, num_classes=max_classes, resize=resize)
     noise_file = NoiseFile.open(noise)
     noise_file.check_matches(clean_train.fingerprint())
+    if format == "png":
+        folder_names(clean_train.class_names)  # before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
