@@ -396,3 +396,41 @@ def test_ddp_classwise_noise_equals_one_process(tmp_path):
     assert one.noise.abs().max() > 0
     assert torch.equal(one.noise, two["noise"])
     assert torch.equal(one.class_delta(), (two["noise"] * 255).round().to(torch.int8))
+
+
+class _Kill(L.Callback):
+    """Stands for a killed job: raises once the module has finished ``after`` noise passes."""
+
+    def __init__(self, after: int):
+        self.after = after
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if module.rounds >= self.after:
+            raise RuntimeError("killed")  # a crash; a SIGKILL would leave the same files behind
+
+
+def test_a_killed_em_fit_resumes_from_its_last_round(tmp_path):
+    """The shipped config saves last.ckpt every round: a fit killed in round 3 loses at most that round."""
+    from ue_lightning.cli import build_cli
+
+    config = yaml.safe_load((REPO / "configs/generator/em-samplewise-digits.yaml").read_text())
+    config["model"]["init_args"].update(width=4, train_steps=2, steps=2, max_rounds=4)
+    config["model"]["init_args"]["stop_accuracy"] = 1.01  # run to the cap
+    config["data"].update(train_subset=64, batch_size=16, resize=8)
+    config["trainer"].update(default_root_dir=str(tmp_path), enable_progress_bar=False)
+    checkpoint = config["trainer"]["callbacks"][0]["init_args"]
+    checkpoint.update(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2)
+    path = tmp_path / "em.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    cli = build_cli(["--config", str(path)], run=False)
+    cli.trainer.callbacks.append(_Kill(after=2))
+    with pytest.raises(RuntimeError, match="killed"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.model.rounds == 2 and not cli.model.stopped
+    saved = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)[CHECKPOINT_KEY]
+    assert saved["rounds"] >= 1 and saved["noise"].abs().max() > 0  # at most the round in progress is lost
+
+    resumed = build_cli(["fit", "--config", str(path), "--ckpt_path", str(tmp_path / "ckpt/last.ckpt")]).model
+    assert resumed.rounds == 4 and resumed.stopped
+    assert resumed.surrogate_steps == 8  # the SGD steps before the kill were not redone

@@ -43,6 +43,7 @@ def test_pipeline_protects_digits(tmp_path, monkeypatch, threads):
     assert protected["train_acc"] > 0.9, results  # ... and it learns the protected ones (the noise)
     assert protected["test_acc"] < clean["test_acc"] - 0.30, results
     assert json.loads((tmp_path / "work" / "results.json").read_text()) == results
+    assert [p.name for p in tmp_path.iterdir()] == ["work"]  # nothing written outside the workdir
 
     noise = NoiseFile.open(tmp_path / "work" / "noise" / "em-classwise.safetensors")
     noise.check_matches(UEDataModule("digits", resize=16).clean_split("train").fingerprint())

@@ -36,7 +36,10 @@ def _uses_score_model(config: str) -> bool:
 def _cli(config: str, root: Path, *overrides: str):
     from ue_lightning.cli import build_cli
 
+    # The configs' callbacks write checkpoints and noise files to their own runs/ folders; the pipeline keeps
+    # its models in memory and writes everything it keeps below its workdir instead.
     args = ["--config", _check_config(config), "--trainer.default_root_dir", str(root),
+            "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *overrides]
     return build_cli(args, run=False)
 
@@ -101,7 +104,6 @@ def run_pipeline(
         with _stage(f"generator {name} ({config})"):
             cli = _cli(config, work / "generator" / name, *extra)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-            cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, PerturbationWriter)]
             cli.trainer.callbacks.append(PerturbationWriter(str(output)))
             cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
         noise_files[name] = output
