@@ -171,3 +171,17 @@ def test_export_refuses_class_names_that_are_not_folder_names(tmp_path, bad):
     with pytest.raises(ValueError, match="rename"):
         export_protected(str(tmp_path / "n.safetensors"), str(work / "out"), "npz", root=str(path))
     assert list(work.iterdir()) == [] and not (tmp_path / "escape").exists() and not Path("/tmp/escape").exists()
+
+
+def test_a_delta_beyond_its_stated_epsilon_is_refused_for_training_and_export(fake_npz, tmp_path):
+    dm = UEDataModule("npz", root=str(fake_npz))
+    train = dm.clean_split("train")
+    delta = torch.zeros(train.images.shape, dtype=torch.int8)
+    delta[5, 0, 3, 3] = 100  # an eps-8 file with one edited pixel
+    path = tmp_path / "edited.safetensors"
+    NoiseFile.write(path, delta, NoiseMetadata(method="t", epsilon=8, classwise=False, fingerprint=train.fingerprint()))
+    with pytest.raises(ValueError, match="up to 100/255 but says epsilon 8/255"):
+        UEDataModule("npz", root=str(fake_npz), perturbation=str(path)).setup("fit")
+    with pytest.raises(ValueError, match="damaged or was edited"):
+        export_protected(str(path), str(tmp_path / "out"), "npz", root=str(fake_npz))
+    assert not (tmp_path / "out").exists()

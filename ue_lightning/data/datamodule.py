@@ -194,6 +194,7 @@ class UEDataModule(L.LightningDataModule):
         if self.perturbation is not None:
             noise = NoiseFile.open(self.perturbation)
             noise.check_matches(train.fingerprint())
+            noise.check_budget()
             mask = protected_mask(len(train), self.train_indices(), self.protected_fraction, self.seed)
             if noise.covered is not None:
                 uncovered = mask.numpy() & (np.asarray(noise.covered) == 0)

@@ -132,6 +132,7 @@ def export_protected(
     clean_test = load_dataset(dataset, root, False, num_classes=max_classes, resize=resize)
     noise_file = NoiseFile.open(noise)
     noise_file.check_matches(clean_train.fingerprint())
+    noise_file.check_budget()
     if format == "png":
         folder_names(clean_train.class_names)  # before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)

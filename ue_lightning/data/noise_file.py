@@ -23,6 +23,7 @@ reads these files too.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -286,6 +287,18 @@ class NoiseFile:
                 "applied here:\n  - " + "\n  - ".join(diffs)
                 + "\nGenerate noise for this dataset (same dataset, split and image size) with `ue predict`."
             )
+
+    def check_budget(self) -> None:
+        """Refuse a file whose delta exceeds its stated epsilon (reads the whole file once, in chunks).
+
+        ``quantize_delta`` never writes such a file: it was damaged or edited, and training on
+        it would measure something else than the budget the file claims.
+        """
+        largest, bound = self.max_abs(), math.floor(self.metadata.epsilon + 1e-6)
+        if largest > bound:
+            raise NoiseFileError(f"noise file {self.path} holds |delta| up to {largest}/255 but says epsilon "
+                                 f"{self.metadata.epsilon:g}/255: it is damaged or was edited; regenerate it with "
+                                 "`ue predict` or get it again from its publisher")
 
     def delta_for(self, indices: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> Tensor:
         """int8 delta rows (B, C, H, W) for samples ``indices`` with class ``labels``."""
