@@ -87,3 +87,15 @@ def test_a_checkpoint_url_is_refused_before_anything_is_fetched(url, monkeypatch
     with pytest.raises(ValueError, match="local path"):
         cli.build_cli(["test", *TINY, "--ckpt_path", url])
     assert not fetched
+
+
+def test_ue_predict_keeps_no_predictions_in_memory(monkeypatch, tmp_path):
+    import lightning as L
+
+    import ue_lightning.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(L.Trainer, "predict", lambda self, **kw: seen.update(kw))
+    cli.build_cli(["predict", "--config", str(REPO / "configs/generator/random-digits.yaml"),
+                   "--trainer.callbacks.output", str(tmp_path / "n.safetensors")])
+    assert seen["return_predictions"] is False

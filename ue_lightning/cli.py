@@ -27,6 +27,11 @@ class UECLI(LightningCLI):
         for attr in ("num_classes", "in_channels", "image_size"):
             parser.link_arguments(f"data.{attr}", f"model.init_args.{attr}", apply_on="instantiate")
 
+    def predict(self, **kwargs) -> None:
+        """``ue predict``: writer callbacks save the output (e.g. PerturbationWriter), so the CLI keeps no
+        predictions in memory (Lightning's default would hold a whole noise file, 25 GB for the ImageNet subset)."""
+        self.trainer.predict(**{**kwargs, "return_predictions": False})
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None:
             refuse_remote_checkpoint(self.config[self.subcommand].get("ckpt_path"))
