@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,19 @@ def test_ue_predict_keeps_no_predictions_in_memory(monkeypatch, tmp_path):
     cli.build_cli(["predict", "--config", str(REPO / "configs/generator/random-digits.yaml"),
                    "--trainer.callbacks.output", str(tmp_path / "n.safetensors")])
     assert seen["return_predictions"] is False
+
+
+@pytest.mark.parametrize("args, says", [
+    (["fit", *TINY, "--model.init_args.adv_radius", "100"], "adv_radius=100 is out of range"),
+    (["fit", *TINY, "--data.dataset", "npz", "--data.root", "/nonexistent/x.npz", "--data.resize", "null"],
+     "/nonexistent/x.npz"),
+    (["export", "--noise", "/nonexistent/n.safetensors", "--dataset", "digits", "--output", "/tmp/ue-never"],
+     "n.safetensors"),
+])
+def test_user_errors_print_one_message_and_exit_2(args, says):
+    proc = subprocess.run([sys.executable, "-m", "ue_lightning.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ue: error:")]
+    assert len(errors) == 1 and says in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -10,6 +10,7 @@ Examples::
 
 from __future__ import annotations
 
+import os
 import sys
 
 import lightning as L
@@ -71,7 +72,34 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> UECLI:
     )
 
 
+#: Errors that mean "the input is wrong" (a bad value, a foreign or damaged file, a missing path): ``ue``
+#: prints their message alone and exits with 2; ``UE_DEBUG=1`` shows the traceback instead.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _run(argv)
+    except USER_ERRORS as error:
+        if os.environ.get("UE_DEBUG"):
+            raise
+        print(f"ue: error: {_root_message(error)}\n(UE_DEBUG=1 ue ... shows the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _root_message(error: BaseException) -> str:
+    """The message of the innermost user error in the chain: jsonargparse wraps the package's
+    own message (e.g. "epsilon=100 is out of range ...") in a long list of union subtypes."""
+    root = error
+    cause = error.__cause__ or error.__context__
+    while cause is not None:
+        if isinstance(cause, USER_ERRORS):
+            root = cause
+        cause = cause.__cause__ or cause.__context__
+    return str(root.args[0]) if isinstance(root, KeyError) and root.args else str(root)
+
+
+def _run(argv: list[str] | None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in EXTRA_COMMANDS:
         from jsonargparse import CLI
