@@ -185,3 +185,17 @@ def test_a_delta_beyond_its_stated_epsilon_is_refused_for_training_and_export(fa
     with pytest.raises(ValueError, match="damaged or was edited"):
         export_protected(str(path), str(tmp_path / "out"), "npz", root=str(fake_npz))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda d: d.update(x_train=d["x_train"].transpose(0, 3, 1, 2)), "look NCHW"),
+    (lambda d: d.update(y_train=d["y_train"] + 0.5), "fractions"),
+    (lambda d: d.update(y_train=np.where(np.arange(60) == 7, -1, d["y_train"])), "negative"),
+])
+def test_npz_that_would_train_wrongly_is_refused(tmp_path, fake_npz, change, says):
+    data = dict(np.load(fake_npz))
+    change(data)
+    path = tmp_path / "bad.npz"
+    np.savez(path, **data)
+    with pytest.raises(ValueError, match=says):
+        UEDataModule("npz", root=str(path)).setup("fit")

@@ -57,6 +57,21 @@ class CleanImages(Dataset):
         raise NotImplementedError
 
 
+def _integer_labels(labels: Sequence[int] | np.ndarray | Tensor, where: str) -> Tensor:
+    """Labels as int64, refusing what a cast would silently change: fractions, negatives."""
+    array = np.asarray(labels)
+    if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
+        raise ValueError(f"{where}: labels must be whole class numbers, got fractions such as "
+                         f"{array[array != np.round(array)][0]}")
+    if array.dtype.kind not in "iuf" and array.size:
+        raise ValueError(f"{where}: labels must be integers, got {array.dtype}")
+    targets = torch.as_tensor(array.astype(np.int64))
+    if len(targets) and int(targets.min()) < 0:
+        raise ValueError(f"{where}: label {int(targets.min())} is negative; classes are numbered 0, 1, ... "
+                         "(relabel the data; -1 'unlabelled' samples must be removed)")
+    return targets
+
+
 class ImageArray(CleanImages):
     """Images held in memory as one uint8 tensor (N, C, H, W)."""
 
@@ -69,13 +84,18 @@ class ImageArray(CleanImages):
         if images.ndim == 3:  # (N, H, W) greyscale
             images = images.unsqueeze(1)
         elif channels_last:
+            if images.shape[1] in (1, 3, 4) and images.shape[3] not in (1, 3, 4):
+                raise ValueError(f"{name}/{split}: images of shape {tuple(images.shape)} look NCHW; this layout "
+                                 "is NHWC (N, H, W, C) as CIFAR's: store x.transpose(0, 2, 3, 1)")
             images = images.permute(0, 3, 1, 2)
         self.images = images.contiguous()
-        self.targets = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        self.targets = _integer_labels(labels, f"{name}/{split}")
         if len(self.images) != len(self.targets):
             raise ValueError(f"{name}/{split}: {len(self.images)} images but {len(self.targets)} labels")
         self.name, self.split = name, split
         self.num_classes = int(num_classes if num_classes is not None else int(self.targets.max()) + 1)
+        if len(self.targets) and int(self.targets.max()) >= self.num_classes:
+            raise ValueError(f"{name}/{split}: label {int(self.targets.max())} but only {self.num_classes} classes")
         self.image_shape = tuple(self.images.shape[1:])
         self.class_names = list(class_names) if class_names is not None else [str(c) for c in range(self.num_classes)]
 
