@@ -199,3 +199,22 @@ def test_npz_that_would_train_wrongly_is_refused(tmp_path, fake_npz, change, say
     np.savez(path, **data)
     with pytest.raises(ValueError, match=says):
         UEDataModule("npz", root=str(path)).setup("fit")
+
+
+def test_a_16_bit_png_keeps_its_grey_levels(fake_image_folder):
+    from PIL import Image
+
+    wide = (np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 54).astype(np.uint16)  # 0 .. 64746
+    path = fake_image_folder / "train" / "n00000000" / "wide.png"
+    img = Image.fromarray(wide)
+    assert img.mode.startswith("I;16")
+    img.save(path)
+    data = load_dataset("folder", fake_image_folder, True, resize=32)
+    image, _ = data[[p for p, _ in data.samples].index(str(path))]
+    assert image.float().std() > 40 and (image == 255).float().mean() < 0.05  # not clipped to white
+
+
+def test_an_empty_class_folder_is_refused(fake_image_folder):
+    (fake_image_folder / "train" / "n00000009").mkdir()
+    with pytest.raises(ValueError, match="n00000009 holds no images"):
+        load_dataset("folder", fake_image_folder, True, resize=32)

@@ -110,6 +110,16 @@ class ImageArray(CleanImages):
                                _sha256(self.targets.numpy()), _sha256(self.images.numpy()))
 
 
+def rgb8(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of ``img``. 16-bit greyscale (PNG ``I;16``, or ``I``) is scaled to 0-255:
+    PIL's own ``convert("RGB")`` clips it, turning almost every pixel white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img, dtype=np.float64)
+        full = 65535.0 if img.mode.startswith("I;16") or wide.max() > 255 else 255.0
+        img = Image.fromarray(np.rint(wide * (255.0 / full)).clip(0, 255).astype(np.uint8))  # mode L
+    return img.convert("RGB")
+
+
 class ImageFiles(CleanImages):
     """Images read from files, resized (shorter side) and centre-cropped to ``size`` x ``size``.
 
@@ -129,7 +139,7 @@ class ImageFiles(CleanImages):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         path, label = self.samples[i]
         with Image.open(path) as img:
-            image = TF.pil_to_tensor(img.convert("RGB"))
+            image = TF.pil_to_tensor(rgb8(img))
         image = TF.resize(image, [self.size], antialias=True)
         return TF.center_crop(image, [self.size, self.size]), label
 
@@ -234,6 +244,9 @@ def load_image_folder(root: str | Path, train: bool, *, size: int, num_classes: 
     for label, cls in enumerate(classes):
         folder = split_dir / cls
         files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
+        if train and not files:  # a class without a single training image: the model would get a dead logit
+            raise ValueError(f"{name}: the class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                             "remove it or add its images")
         samples.extend((str(p), label) for p in files)
     if not samples:
         raise _missing(split_dir, f"{name} images", "no image files found for the selected classes")
