@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from unittest.mock import patch
 
 import yaml
 
 from ue_lightning.callbacks import PerturbationWriter
+from ue_lightning.lightning_cli import build_cli
 
 
 def _check_config(path: str) -> str:
@@ -34,14 +37,13 @@ def _uses_score_model(config: str) -> bool:
 
 
 def _cli(config: str, root: Path, *overrides: str):
-    from ue_lightning.cli import build_cli
-
     # The configs' callbacks write checkpoints and noise files to their own runs/ folders; the pipeline keeps
     # its models in memory and writes everything it keeps below its workdir instead.
     args = ["--config", _check_config(config), "--trainer.default_root_dir", str(root),
             "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *overrides]
-    return build_cli(args, run=False)
+    with patch.object(sys, "argv", sys.argv[:1]):  # the stage's arguments are `args`, not `ue pipeline ...`
+        return build_cli(args, run=False)
 
 
 @contextmanager
