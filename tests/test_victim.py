@@ -118,3 +118,32 @@ def test_user_errors_print_one_message_and_exit_2(args, says):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ue: error:")]
     assert len(errors) == 1 and says in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def victim_checkpoint(tmp_path_factory) -> Path:
+    """A VictimClassifier checkpoint made by `ue fit` (the CLI records the module's class path in it)."""
+    root = tmp_path_factory.mktemp("victim")
+    run_ue("fit", *TINY, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+           "--trainer.default_root_dir", str(root))
+    return sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))[-1]
+
+
+def _parse_only(monkeypatch, *args: str):
+    import ue_lightning.cli as cli
+
+    monkeypatch.setattr(cli.UECLI, "_run_subcommand", lambda self, subcommand: None)
+    return cli.build_cli(list(args))
+
+
+def test_a_checkpoint_of_another_module_is_refused(monkeypatch, victim_checkpoint):
+    with pytest.raises(ValueError, match="holds a VictimClassifier, but the config's model is a RandomNoise"):
+        _parse_only(monkeypatch, "predict", "--config", str(REPO / "configs/generator/random-digits.yaml"),
+                    "--data.resize", "8", "--ckpt_path", str(victim_checkpoint))
+
+
+def test_settings_the_checkpoint_overrides_are_named_with_both_values(monkeypatch, victim_checkpoint):
+    with pytest.warns(UserWarning, match=r"adv_radius: 4.0 \(config\) -> 0.0 \(checkpoint\)"):
+        cli = _parse_only(monkeypatch, "test", *TINY, "--model.init_args.adv_radius", "4",
+                          "--ckpt_path", str(victim_checkpoint))
+    assert cli.model.hparams.adv_radius == 0.0  # what the checkpoint holds, as the warning says

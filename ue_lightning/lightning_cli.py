@@ -4,21 +4,51 @@ from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ue_lightning.data import UEDataModule
+
+
+#: Model arguments the CLI links from the DataModule (never set in configs).
+LINKED_FROM_DATA = ("num_classes", "in_channels", "image_size")
 
 
 class UECLI(LightningCLI):
     """LightningCLI whose models read their data facts (classes, channels, size) from the DataModule."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        for attr in ("num_classes", "in_channels", "image_size"):
+        for attr in LINKED_FROM_DATA:
             parser.link_arguments(f"data.{attr}", f"model.init_args.{attr}", apply_on="instantiate")
 
     def predict(self, **kwargs) -> None:
         """``ue predict``: writer callbacks save the output (e.g. PerturbationWriter), so the CLI keeps no
         predictions in memory (Lightning's default would hold a whole noise file, 25 GB for the ImageNet subset)."""
         self.trainer.predict(**{**kwargs, "return_predictions": False})
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model's settings by the checkpoint's when ``--ckpt_path`` is given.
+
+        Refuse a checkpoint of another module class (it would silently replace the module and
+        fail later with an unrelated error), and say which settings from the config or the
+        command line the checkpoint overrides, with both values.
+        """
+        subcommand = self.config.get("subcommand")
+        before = self.config[subcommand].get("model") if subcommand else None
+        super()._parse_ckpt_path()
+        after = self.config[subcommand].get("model") if subcommand else None
+        if before is None or after is None or before is after:
+            return
+        ckpt = self.config[subcommand].get("ckpt_path")
+        if before.class_path != after.class_path:
+            raise ValueError(f"--ckpt_path {ckpt} holds a {after.class_path.rsplit('.', 1)[-1]}, but the config's model "
+                             f"is a {before.class_path.rsplit('.', 1)[-1]}: pass a checkpoint of that model, or the "
+                             "config the checkpoint was made with")
+        mine, theirs = vars(before.init_args), vars(after.init_args)
+        changed = [f"{k}: {mine[k]!r} (config) -> {theirs[k]!r} (checkpoint)" for k in mine
+                   if k not in LINKED_FROM_DATA and k in theirs and theirs[k] != mine[k]]
+        if changed:
+            rank_zero_warn(f"--ckpt_path {ckpt} brings its own model settings, and they are the ones used: "
+                           + "; ".join(changed))
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None:
