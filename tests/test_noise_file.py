@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +146,30 @@ def test_uncovered_samples_are_refused(fake_cifar10, tmp_path):
     dm = UEDataModule("cifar10", root=str(fake_cifar10), perturbation=str(tmp_path / "p.safetensors"))
     with pytest.raises(NoiseFileError, match="train_subset"):
         dm.setup("fit")
+
+
+def test_a_killed_runs_leftovers_are_removed_by_the_next_write_and_live_ones_kept(tmp_path):
+    import socket
+    import subprocess
+
+    from ue_lightning.scratch import scratch_dir
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()  # a process that no longer exists, as a killed run's
+    host, out = socket.gethostname(), tmp_path / "n.safetensors"
+    dead_file = tmp_path / f".n.safetensors.{host}.{proc.pid}.x1.tmp"
+    dead_dir = tmp_path / f".n.safetensors.{host}.{proc.pid}.x2.shards"
+    live_dir = tmp_path / f".n.safetensors.{host}.{os.getpid()}.x3.shards"  # a concurrent run's (this process)
+    other_host = tmp_path / f".n.safetensors.another-node.{proc.pid}.x4.tmp"  # may be alive on its node
+    dead_file.write_bytes(b"half a noise file")
+    dead_dir.mkdir()
+    (dead_dir / "rank0.delta").write_bytes(b"...")
+    live_dir.mkdir()
+    other_host.write_bytes(b"")
+    unrelated = tmp_path / ".other.safetensors.x.tmp"
+    unrelated.write_bytes(b"")
+
+    mine = scratch_dir(out, ".shards")
+    assert not dead_file.exists() and not dead_dir.exists()
+    assert live_dir.exists() and other_host.exists() and unrelated.exists() and mine.is_dir()
+    assert mine.name.startswith(f".n.safetensors.{host}.{os.getpid()}.")

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from ue_lightning.data.noise_file import NoiseFile, NoiseFileWriter, NoiseMetadata
+from ue_lightning.scratch import scratch_dir
 
 
 class PerturbationWriter(BasePredictionWriter):
@@ -32,15 +33,16 @@ class PerturbationWriter(BasePredictionWriter):
     def __init__(self, output: str):
         super().__init__(write_interval="batch")
         self.output = Path(output)
-        self._shards = self.output.parent / f".{self.output.name}.shards"
+        self._shards: Path | None = None  # this run's shard folder, chosen by rank 0 at predict start
 
     def _paths(self, rank: int) -> tuple[Path, Path]:
         return self._shards / f"rank{rank}.index", self._shards / f"rank{rank}.delta"
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            shutil.rmtree(self._shards, ignore_errors=True)
-            self._shards.mkdir(parents=True)
+        # One folder per run (a concurrent run on the same output keeps its own); a killed run's is removed
+        # by the next run for the same output (see ue_lightning.scratch).
+        shards = str(scratch_dir(self.output, ".shards")) if trainer.is_global_zero else None
+        self._shards = Path(trainer.strategy.broadcast(shards, src=0))
         trainer.strategy.barrier("PerturbationWriter.start")
         for p in self._paths(trainer.global_rank):
             p.write_bytes(b"")

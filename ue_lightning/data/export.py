@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +22,7 @@ from PIL import Image
 
 from ue_lightning.data.datasets import CleanImages, load_dataset
 from ue_lightning.data.noise_file import NoiseFile, apply_delta
+from ue_lightning.scratch import scratch_dir
 
 
 def protected_images(clean: CleanImages, noise: NoiseFile, chunk: int = 1024):
@@ -135,8 +135,7 @@ def export_protected(
     noise_file.check_budget()
     if format == "png":
         folder_names(clean_train.class_names)  # before anything is written
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = scratch_dir(out)
     try:
         if format == "png":
             _write_png_tree(tmp, clean_train, clean_test, noise_file)

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from ue_lightning.scratch import scratch_file
 
 FORMAT = "ue_lightning.noise"
 FORMAT_VERSION = 1
@@ -168,9 +169,7 @@ class NoiseFileWriter:
         self._n_delta, self._n_covered = n_delta, n_covered
 
     def __enter__(self) -> "NoiseFileWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._tmp = Path(tmp)
+        fd, self._tmp = scratch_file(self.path)
         with os.fdopen(fd, "wb") as f:
             f.write(self._header)
             f.truncate(len(self._header) + self._n_delta + self._n_covered)

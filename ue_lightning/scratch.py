@@ -1,0 +1,63 @@
+"""Temporary files and folders next to an output, named by their owner, and the clean-up of a killed run's.
+
+Outputs are written to a temporary sibling and renamed into place, so a killed run never
+leaves a half-written result under the real name. It may leave the temporary sibling,
+though: each one is named ``.<output name>.<host>.<pid>.<random><suffix>``, and the next run
+for the same output removes those whose process, on this host, no longer exists. A
+sibling of another host (a multi-node run on a shared filesystem) or of a live process
+(a concurrent run) is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+
+def _prefix(output: Path) -> str:
+    return f".{output.name}.{socket.gethostname()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def remove_stale(output: Path) -> list[Path]:
+    """Remove the temporary siblings of ``output`` left by dead processes of this host; return them."""
+    output = Path(output)
+    removed = []
+    if not output.parent.is_dir():
+        return removed
+    prefix = _prefix(output)
+    for path in output.parent.glob(f"{prefix}*"):
+        pid = path.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def scratch_file(output: Path, suffix: str = ".tmp") -> tuple[int, Path]:
+    """A new temporary file next to ``output`` (after removing stale ones): ``(fd, path)``."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(output)
+    fd, path = tempfile.mkstemp(prefix=f"{_prefix(output)}{os.getpid()}.", suffix=suffix, dir=output.parent)
+    return fd, Path(path)
+
+
+def scratch_dir(output: Path, suffix: str = "") -> Path:
+    """A new temporary folder next to ``output`` (after removing stale ones)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(output)
+    return Path(tempfile.mkdtemp(prefix=f"{_prefix(output)}{os.getpid()}.", suffix=suffix, dir=output.parent))
