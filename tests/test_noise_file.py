@@ -173,3 +173,49 @@ def test_a_killed_runs_leftovers_are_removed_by_the_next_write_and_live_ones_kep
     assert not dead_file.exists() and not dead_dir.exists()
     assert live_dir.exists() and other_host.exists() and unrelated.exists() and mine.is_dir()
     assert mine.name.startswith(f".n.safetensors.{host}.{os.getpid()}.")
+
+
+def _rewrite_header(src, dst, edit) -> None:
+    """Copy a noise file with its JSON header changed by ``edit(header) -> header``."""
+    import json
+    import struct
+
+    raw = open(src, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = edit(json.loads(raw[8:8 + n]))
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    open(dst, "wb").write(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+
+
+def _meta(edit):
+    import json
+
+    def change(header):
+        meta = json.loads(header["__metadata__"]["ue_lightning"])
+        edit(meta)
+        header["__metadata__"]["ue_lightning"] = json.dumps(meta)
+        return header
+    return change
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: {**h, "delta": {**h["delta"], "shape": [2**62, 2**62, 1, 1]}},  # overflow
+    lambda h: {**h, "delta": {**h["delta"], "data_offsets": [-5, h["delta"]["data_offsets"][1]]}},
+    lambda h: {**h, "delta": {**h["delta"], "data_offsets": [3, h["delta"]["data_offsets"][1]]}},
+    lambda h: {**h, "delta": {**h["delta"], "shape": [1.5, 3, 32, 32]}},
+    lambda h: {**h, "covered": {**h["covered"], "dtype": "F32"}},
+    lambda h: b"[" * 100_000 + b"]" * 100_000,  # recursion
+    lambda h: b"\xff\xfe not json",
+    _meta(lambda m: m.update(epsilon="8")),
+    _meta(lambda m: m.update(epsilon=1e9)),
+    _meta(lambda m: m.update(classwise="no")),
+    _meta(lambda m: m["fingerprint"].update(image_shape=[3, -32, 32])),
+    _meta(lambda m: m.update(fingerprint=None)),
+])
+def test_malformed_headers_are_refused_with_one_clear_error(fake_cifar10, tmp_path, edit):
+    dm = UEDataModule("cifar10", root=str(fake_cifar10))
+    good = _write_for(dm, tmp_path / "good.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    _rewrite_header(good.path, bad, edit)
+    with pytest.raises(NoiseFileError, match="regenerate it"):
+        NoiseFile.open(bad)

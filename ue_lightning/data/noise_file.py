@@ -141,6 +141,32 @@ def _header(tensors: dict[str, tuple[str, tuple[int, ...], int]], metadata: dict
     return struct.pack("<Q", len(text)) + text
 
 
+#: What a malformed header or metadata raises while being read (all become one NoiseFileError).
+_MALFORMED = (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError,
+              RecursionError, UnicodeDecodeError)
+
+
+def _check_extent(name: str, spec: dict, data_bytes: int) -> None:
+    """A tensor's shape and offsets: whole non-negative numbers, one byte per element, inside the file."""
+    shape, offsets = spec["shape"], spec["data_offsets"]
+    if not all(type(v) is int and v >= 0 for v in [*shape, *offsets]) or len(offsets) != 2:
+        raise ValueError(f"{name}: shape {shape} and offsets {offsets} must be non-negative integers")
+    begin, end = offsets
+    if not begin <= end <= data_bytes or end - begin != math.prod(shape):
+        raise ValueError(f"{name}: offsets {offsets} do not hold shape {shape} within {data_bytes} data bytes")
+
+
+def _check_metadata_types(m: "NoiseMetadata") -> None:
+    """Types a stranger's file could get wrong and that later code would trip over."""
+    fp = m.fingerprint
+    if not (isinstance(m.method, str) and isinstance(m.classwise, bool) and isinstance(m.version, int)
+            and isinstance(m.epsilon, (int, float)) and not isinstance(m.epsilon, bool) and 0 < m.epsilon <= 64):
+        raise ValueError("method, classwise, version or epsilon (1/255, in (0, 64]) has the wrong type or value")
+    if not (isinstance(fp.num_samples, int) and isinstance(fp.num_classes, int)
+            and all(type(v) is int and v > 0 for v in fp.image_shape) and len(fp.image_shape) == 3):
+        raise ValueError("the fingerprint's sample count, class count or image shape is malformed")
+
+
 class NoiseFileWriter:
     """Writes a noise file atomically, in place, without holding the noise in memory.
 
@@ -243,7 +269,8 @@ class NoiseFile:
                     raise ValueError("header length past the end of the file")
                 header = json.loads(f.read(n))
             metadata = NoiseMetadata.from_json(header["__metadata__"][_META_KEY])
-        except (struct.error, ValueError, KeyError, TypeError) as e:
+            _check_metadata_types(metadata)
+        except _MALFORMED as e:
             raise NoiseFileError(f"cannot read {path}: {hint} ({e})") from None
         if metadata.format != FORMAT or metadata.version > FORMAT_VERSION:
             raise NoiseFileError(f"{path} has format {metadata.format} v{metadata.version}; this ue_lightning "
@@ -253,6 +280,11 @@ class NoiseFile:
             spec = header["delta"]
             if spec["dtype"] != "I8" or len(spec["shape"]) != 4:
                 raise ValueError(f"delta is {spec['dtype']} {spec['shape']}, expected I8 of rank 4")
+            _check_extent("delta", spec, size - start)
+            if "covered" in header:
+                if header["covered"]["dtype"] != "U8" or len(header["covered"]["shape"]) != 1:
+                    raise ValueError("covered must be U8 of rank 1")
+                _check_extent("covered", header["covered"], size - start)
             end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
             if start + end != size:
                 raise ValueError(f"file is {size} bytes, header promises {start + end}")
@@ -263,8 +295,8 @@ class NoiseFile:
                 c = header["covered"]
                 covered = np.memmap(path, dtype=np.uint8, mode="r", offset=start + c["data_offsets"][0],
                                     shape=tuple(c["shape"]))
-        except (KeyError, ValueError, TypeError) as e:
-            raise NoiseFileError(f"cannot read {path}: {hint} ({e})") from None
+        except _MALFORMED as e:
+            raise NoiseFileError(f"cannot read {path}: {hint} ({type(e).__name__}: {e})") from None
         return cls(path, metadata, delta, covered)
 
     # ----------------------------------------------------------------- checks
