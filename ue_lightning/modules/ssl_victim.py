@@ -12,7 +12,7 @@ Which data the probe learns from (``probe_data``):
   labels, read without augmentation. This is the threat model: the unauthorised
   trainer holds only the published data, so both the encoder and the probe learn from
   it. (The paper's evaluation text could not be checked here; this choice follows its
-  threat model and the brief of this project.)
+  threat model.)
 * ``clean``: the clean train images with their labels, which isolates how much the
   *encoder* was spoiled (an optimistic upper bound for the trainer).
 
