@@ -95,7 +95,8 @@ class UEDataModule(L.LightningDataModule):
             ``imagenet_subset``, ``folder``, ``npz``.
         root: data folder (CIFAR, image folders) or the ``.npz`` file.
         download: let torchvision download CIFAR into ``root``.
-        batch_size: train batch size per device; ``eval_batch_size`` for test/predict.
+        batch_size: train batch size per device.
+        eval_batch_size: test/predict batch size per device (None: ``batch_size``).
         num_workers: DataLoader workers.
         train_subset: keep a seeded, class-stratified subset of this many train samples.
         perturbation: a noise file (``.safetensors``) to protect the train data with;

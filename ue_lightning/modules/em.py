@@ -103,8 +103,11 @@ class ErrorMinimizingNoise(NoiseGenerator):
     """Error-minimising (min-min) noise, sample-wise or class-wise (Huang et al., ICLR 2021).
 
     Args:
-        num_classes, in_channels, image_size: linked from the DataModule by the CLI.
-        arch, width: surrogate classifier (see :func:`~ue_lightning.models.build_classifier`).
+        num_classes: number of classes (linked from the DataModule by the CLI).
+        in_channels: image channels (linked from the DataModule by the CLI).
+        image_size: side of the model's input in pixels (linked from the DataModule by the CLI).
+        arch: surrogate architecture (see :func:`~ue_lightning.models.build_classifier`).
+        width: surrogate width (None: the architecture's standard width).
         mode: ``samplewise`` (one delta per train sample, file (N, C, H, W)) or
             ``classwise`` (one delta per class, file (K, C, H, W)).
         epsilon: L-infinity budget in 1/255 units (8 = 8/255).
@@ -125,9 +128,12 @@ class ErrorMinimizingNoise(NoiseGenerator):
             pass fits to it, survives the victim's augmentation. False: the reference.
         eot_samples: crop/flip draws per PGD step of the noise pass (expectation over
             transformations, as REM); 0: the unaugmented image only (the reference).
-        eot_padding, eot_flip: the augmentation of the two options above (CIFAR: 4, True).
-        lr, momentum, weight_decay, grad_clip: the surrogate's SGD (constant lr; clip the
-            gradient norm at ``grad_clip``, None for no clipping).
+        eot_padding: crop padding in pixels of the two options above (CIFAR: 4).
+        eot_flip: random horizontal flips in the two options above (CIFAR: True).
+        lr: the surrogate's SGD learning rate (constant).
+        momentum: the surrogate's SGD momentum.
+        weight_decay: the surrogate's SGD weight decay.
+        grad_clip: clip the surrogate's gradient norm at this (None: no clipping).
         seed: seed of the surrogate's initialisation and of the class-wise subset.
         noise_batch_size: per-device batch size of the noise pass (None: the DataModule's
             ``eval_batch_size``).

@@ -94,12 +94,17 @@ class RobustNoiseGenerator(NoiseGenerator):
     a fresh start per call and ``inner_mode: eval`` are REM's code.
 
     Args:
-        arch, width: surrogate classifier (``build_classifier``).
-        num_classes, in_channels, image_size: linked from the DataModule by the CLI.
+        arch: surrogate architecture (``build_classifier``).
+        width: surrogate width (None: the architecture's standard width).
+        num_classes: number of classes (linked from the DataModule by the CLI).
+        in_channels: image channels (linked from the DataModule by the CLI).
+        image_size: side of the model's input in pixels (linked from the DataModule by the CLI).
         epsilon: rho_u, the noise budget, 1/255 units.
-        step_size: alpha_u, 1/255 units. steps: K_u.
+        step_size: alpha_u, the noise's PGD step, 1/255 units.
+        steps: K_u, the noise's PGD steps per training step.
         adv_radius: rho_a, 1/255 units (0: no adversary, REM reduces to EOT error-minimising noise).
-        adv_step_size: 1/255 units. adv_steps: K_a.
+        adv_step_size: the adversary's PGD step, 1/255 units.
+        adv_steps: K_a, the adversary's PGD steps.
         eot_samples: random crop/flips per step in ``form="rem"`` (REM's ``samp_num``).
         eot_padding: crop padding in pixels (None: ``image_size // 8``, CIFAR's 4).
         eot_flip: random horizontal flips (off for digits, which are not mirror-symmetric).
@@ -111,8 +116,11 @@ class RobustNoiseGenerator(NoiseGenerator):
         score_checkpoint: a ScoreEstimator checkpoint: adds the collapse step (method
             ``collapse``); None: REM (method ``rem``).
         score_step_size: alpha_s, 1/255 units (None: equal to ``step_size``; 0: no score step).
-        lr, momentum, weight_decay: the surrogate's SGD.
-        lr_decay_steps, lr_decay_rate: lr x rate every this many optimiser steps.
+        lr: the surrogate's SGD learning rate.
+        momentum: the surrogate's SGD momentum.
+        weight_decay: the surrogate's SGD weight decay.
+        lr_decay_steps: multiply the learning rate by ``lr_decay_rate`` every this many steps.
+        lr_decay_rate: the factor of that decay.
         seed: seed of every per-sample random draw.
     """
 

@@ -64,8 +64,10 @@ class ScoreEstimator(L.LightningModule):
     """Class-conditional score network trained by denoising score matching.
 
     Args:
-        num_classes, in_channels, image_size: linked from the DataModule by the CLI; the
-            checkpoint remembers them and :meth:`load_for` refuses other data.
+        num_classes: number of classes (linked from the DataModule by the CLI).
+        in_channels: image channels (linked from the DataModule by the CLI).
+        image_size: side of the model's input in pixels (linked from the DataModule by the CLI).
+            The checkpoint remembers all three and :meth:`load_for` refuses other data.
         width: base channels of :class:`~ue_lightning.models.ScoreNet` (64 at paper scale,
             8-16 on CPU).
         sigma: the noise level (pixel units of [0, 1] images) when ``num_sigmas == 1``
@@ -77,9 +79,9 @@ class ScoreEstimator(L.LightningModule):
         num_sigmas: ``1``: one level ``sigma``. ``L > 1``: NCSN practice, L levels from
             ``sigma_max`` down to ``sigma_min`` (geometric), the network conditioned on
             the level index (0 = ``sigma_max``), each level's loss weighted by sigma^2.
-        sigma_min, sigma_max: ends of the geometric list (pixel units; ``sigma_min < 1``).
-            :meth:`score` uses the smallest level, ``sigma_min``, the level whose score
-            is closest to that of the data itself.
+        sigma_min: small end of the geometric list (pixel units; ``< 1``); :meth:`score`
+            uses this level, the one whose score is closest to that of the data itself.
+        sigma_max: large end of the geometric list (pixel units).
         lr: Adam learning rate.
         ema_decay: keep an exponential moving average of the weights (NCSNv2 uses
             0.999); :meth:`score`, validation and test use the average. None: off.

@@ -92,13 +92,20 @@ class SimCLRVictim(L.LightningModule):
     each are drawn here (random resized crop, flip, colour jitter, grayscale).
 
     Args:
-        arch, width: encoder (CIFAR ResNet-18 by default); projection to ``proj_dim``.
-        num_classes, in_channels, image_size: linked from the DataModule by the CLI.
+        arch: encoder architecture (CIFAR ResNet-18 by default); projection to ``proj_dim``.
+        width: encoder width (None: the architecture's standard width).
+        num_classes: number of classes (linked from the DataModule by the CLI).
+        in_channels: image channels (linked from the DataModule by the CLI).
+        image_size: side of the model's input in pixels (linked from the DataModule by the CLI).
+        proj_dim: output size of the projection head (128).
         temperature: NT-Xent temperature (0.5, as TUE's SimCLR).
-        lr, weight_decay: Adam (1e-3, 1e-6, as TUE's SimCLR).
-        crop_scale, flip_p: SimCLR view crop scale and flip probability.
+        lr: Adam learning rate (1e-3, as TUE's SimCLR).
+        weight_decay: Adam weight decay (1e-6, as TUE's SimCLR).
+        crop_scale: SimCLR view random-resized-crop scale range.
+        flip_p: SimCLR view horizontal-flip probability.
         probe_data: ``protected`` or ``clean`` train data for the probe (module docstring).
-        probe_steps, probe_weight_decay: L-BFGS iterations and L2 weight of the probe.
+        probe_steps: L-BFGS iterations of the linear probe.
+        probe_weight_decay: L2 weight of the linear probe.
 
     The three ``probe_*`` settings are read at test time from the command line or config, never
     from the checkpoint (they are not saved as hyperparameters).

@@ -53,24 +53,30 @@ class TransferableNoise(NoiseGenerator):
     --ckpt_path`` writes it.
 
     Args:
-        arch, width: surrogate encoder (CIFAR ResNet-18 in the paper); its projection
-            head is ``Linear-BN-ReLU-Linear`` to ``proj_dim`` (128).
-        num_classes, in_channels, image_size: linked from the DataModule by the CLI.
+        arch: surrogate encoder (CIFAR ResNet-18 in the paper); its projection head is
+            ``Linear-BN-ReLU-Linear`` to ``proj_dim`` (128).
+        width: encoder width (None: the architecture's standard width).
+        num_classes: number of classes (linked from the DataModule by the CLI).
+        in_channels: image channels (linked from the DataModule by the CLI).
+        image_size: side of the model's input in pixels (linked from the DataModule by the CLI).
         epsilon: L-infinity budget in 1/255 units (8).
         step_size: PGD step in 1/255 units (0.8).
         steps: PGD steps per noise batch in each noise pass (20).
         train_steps: SimCLR batches between two full noise passes (20).
-        ssl_weight, csd_weight: weights of the NT-Xent and CSD terms of the noise loss
-            (public SimCLR demo: 0 and 0.1; combined: 1 and 1).
+        ssl_weight: weight of the NT-Xent term of the noise loss (public SimCLR demo: 0; combined: 1).
+        csd_weight: weight of the CSD term of the noise loss (public SimCLR demo: 0.1; combined: 1).
         detach_spread: CSD spreads as constants (the reference), see
             :func:`~ue_lightning.modules.simclr.classwise_separability`.
         eot_size: augmentation draws averaged in the SSL term of the noise loss (1).
         random_start: start the noise uniformly in [-epsilon, epsilon] (the demo), else at 0.
         noise_batch_size: batch of the noise pass (None: the DataModule's batch size, 512 in the paper).
+        proj_dim: output size of the projection head (128).
         temperature: NT-Xent temperature (0.5).
-        lr, weight_decay: Adam of the surrogate (1e-3, 1e-6).
-        crop_scale, flip_p: SimCLR view crop scale and flip probability (colour jitter
+        lr: Adam learning rate of the surrogate (1e-3).
+        weight_decay: Adam weight decay of the surrogate (1e-6).
+        crop_scale: SimCLR view random-resized-crop scale range (colour jitter
             0.4/0.4/0.4/0.1 with p 0.8 and grayscale p 0.2 are fixed).
+        flip_p: SimCLR view horizontal-flip probability.
         skip_idle_surrogate: with ``ssl_weight == 0`` the encoder cannot change the noise,
             so its SimCLR updates are skipped (the optimiser still steps, a no-op, so the
             step count and ``max_steps`` behave); set False to spend that compute as the

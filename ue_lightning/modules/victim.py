@@ -23,15 +23,21 @@ class VictimClassifier(L.LightningModule):
 
     Args:
         arch: ``vgg16``, ``resnet18``, ``resnet50``, ``densenet121`` or ``wrn34_10``.
-        num_classes, in_channels, image_size: linked from the DataModule by the CLI.
+        num_classes: number of classes (linked from the DataModule by the CLI).
+        in_channels: image channels (linked from the DataModule by the CLI).
+        image_size: side of the model's input in pixels (linked from the DataModule by the CLI).
         width: channels of the first stage (None: the architecture's standard width).
         adv_radius: adversarial-training radius rho_a, in 1/255 units (0: standard training).
         adv_steps: PGD steps of the training attack (REM's evaluation: 10).
         adv_step_size: PGD step in 1/255 units (None: adv_radius / 4, as REM).
         attack_mode: BatchNorm mode while the attack runs (``eval``: statistics untouched).
         robust_eval: also report PGD accuracy on the test set.
-        lr, momentum, weight_decay, schedule, milestones, gamma: SGD and its schedule
-            (``cosine`` over all steps, or ``step``: x gamma at the given fractions of training).
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        schedule: ``cosine`` over all steps, ``step`` (x ``gamma`` at ``milestones``) or ``constant``.
+        milestones: fractions of training at which ``step`` multiplies the rate by ``gamma``.
+        gamma: the factor of each ``step`` decay.
     """
 
     def __init__(

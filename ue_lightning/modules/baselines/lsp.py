@@ -72,8 +72,10 @@ class LinearSeparableNoise(NoiseGenerator):
     """Class-wise-distributed synthetic patch noise (method ``lsp``); sample-wise file.
 
     Args:
-        num_classes, in_channels, image_size: linked from the DataModule (the patch grid
-            follows the stored image shape of each batch).
+        num_classes: number of classes (linked from the DataModule by the CLI).
+        in_channels: image channels (linked from the DataModule by the CLI).
+        image_size: side of the model's input in pixels (linked from the DataModule by the CLI).
+            (The patch grid follows the stored image shape of each batch.)
         epsilon: L-infinity clip in 1/255 units (the noise file's budget).
         l2_epsilon: L2 budget as a per-pixel RMS in 1/255 units: every perturbation is
             scaled to the L2 norm ``l2_epsilon / 255 * sqrt(C * H * W)`` before the clip

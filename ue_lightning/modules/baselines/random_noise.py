@@ -17,8 +17,10 @@ class RandomNoise(NoiseGenerator):
     (the largest noise of the budget).
 
     Args:
-        num_classes, in_channels, image_size: linked from the DataModule (unused: the
-            noise takes the shape of the stored images).
+        num_classes: number of classes (linked from the DataModule by the CLI).
+        in_channels: image channels (linked from the DataModule by the CLI).
+        image_size: side of the model's input in pixels (linked from the DataModule by the CLI).
+            (Unused: the noise takes the shape of the stored images.)
         epsilon: L-infinity budget in 1/255 units.
         sign: draw +-epsilon per pixel instead of uniform values.
         seed: noise seed.

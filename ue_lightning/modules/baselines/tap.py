@@ -112,7 +112,10 @@ class TargetedAdversarialPoison(NoiseGenerator):
     Args:
         classifier_checkpoint: a ``VictimClassifier`` checkpoint trained on the clean data
             (``ue fit --config configs/data/<d>.yaml --config configs/victim/<arch>.yaml``).
-        num_classes, in_channels, image_size: linked from the DataModule; must match the checkpoint.
+        num_classes: number of classes (linked from the DataModule by the CLI).
+        in_channels: image channels (linked from the DataModule by the CLI).
+        image_size: side of the model's input in pixels (linked from the DataModule by the CLI).
+            All three must match the classifier checkpoint.
         epsilon: L-infinity budget in 1/255 units.
         step_size: PGD step in 1/255 units (reference 0.4).
         steps: PGD steps (reference 250).
