@@ -9,6 +9,7 @@ radius) -> clean test accuracy table. Each stage is the same LightningCLI that
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -41,6 +42,8 @@ def _cli(config: str, root: Path, *overrides: str):
     # its models in memory and writes everything it keeps below its workdir instead.
     args = ["--config", _check_config(config), "--trainer.default_root_dir", str(root),
             "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+            "--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                            "init_args": {"save_dir": str(root), "name": "logs"}}),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *overrides]
     with patch.object(sys, "argv", sys.argv[:1]):  # the stage's arguments are `args`, not `ue pipeline ...`
         return build_cli(args, run=False)
@@ -88,6 +91,10 @@ def run_pipeline(
     adv_radii = adv_radii if adv_radii is not None else [0.0]
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
+    # The pipeline prints its own stage lines and table: Lightning's per-stage INFO lines (devices, seed,
+    # stop reasons) would repeat at every stage. Its warnings still show.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     for config in [c for c in (score, victim, *generators.values()) if c]:
         _check_config(config)
 
