@@ -218,3 +218,27 @@ def test_an_empty_class_folder_is_refused(fake_image_folder):
     (fake_image_folder / "train" / "n00000009").mkdir()
     with pytest.raises(ValueError, match="n00000009 holds no images"):
         load_dataset("folder", fake_image_folder, True, resize=32)
+
+
+def test_cifar_export_reads_back_through_the_package_and_no_download_replaces_it(fake_cifar10, tmp_path):
+    import pickle
+
+    dm = UEDataModule("cifar10", root=str(fake_cifar10))
+    protected = _noise_for(dm, tmp_path / "n.safetensors")
+    out = export_protected(str(tmp_path / "n.safetensors"), str(tmp_path / "batches"), "cifar10",
+                           root=str(fake_cifar10), format="cifar")
+    back = UEDataModule("cifar10", root=str(out), download=True)  # download must not touch an export
+    train, test = back.clean_split("train"), back.clean_split("test")
+    assert torch.equal(train.images.to(torch.int16), protected)
+    assert torch.equal(train.targets, dm.clean_split("train").targets)
+    assert torch.equal(test.images, dm.clean_split("test").images)
+    assert train.class_names == dm.clean_split("train").class_names
+
+    batch = out / "cifar-10-batches-py" / "data_batch_1"  # a stranger's file that runs code when unpickled
+    batch.write_bytes(pickle.dumps({"data": __import__("os").system, "labels": []}))
+    with pytest.raises(ValueError, match="not a readable CIFAR batch"):
+        UEDataModule("cifar10", root=str(out)).clean_split("train")
+
+    (out / "cifar-10-batches-py" / "ue_lightning_export.json").unlink()  # not an export any more, not CIFAR
+    with pytest.raises(ValueError, match="nothing is downloaded over them"):
+        UEDataModule("cifar10", root=str(out), download=True).clean_split("train")

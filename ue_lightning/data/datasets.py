@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from ue_lightning.data.cifar_batches import EXPORT_MARKER, is_export, load_export
 from ue_lightning.data.noise_file import DataFingerprint
 
 
@@ -162,9 +163,19 @@ def load_cifar(name: str, root: str | Path, train: bool, download: bool) -> Imag
 
     cls = {"cifar10": CIFAR10, "cifar100": CIFAR100}[name]
     folder = Path(root) / cls.base_folder
-    try:
-        ds = cls(str(root), train=train, download=download)
+    split = "train" if train else "test"
+    if is_export(folder):  # a protected set written by `ue export --format cifar` (see cifar_batches)
+        data, labels, classes = load_export(folder, train, cifar100=name == "cifar100")
+        return ImageArray(data, labels, name=name, split=split, num_classes=len(classes), channels_last=True,
+                          class_names=classes)
+    holds_files = folder.is_dir() and any(folder.iterdir())
+    try:  # first without downloading: a download would overwrite whatever the folder holds
+        ds = cls(str(root), train=train, download=download and not holds_files)
     except RuntimeError as e:
+        if holds_files:
+            raise ValueError(f"{folder} holds files that are not the original {name} batches ({e}): if they are "
+                             "a protected export, export it again with `ue export --format cifar` (its marker "
+                             f"file {EXPORT_MARKER} is missing); nothing is downloaded over them") from None
         raise _missing(folder, f"{name} ({e})",
                        "set `data.download: true` (or --data.download true) to fetch it, or point "
                        f"`data.root` at the folder that contains {cls.base_folder}/") from None

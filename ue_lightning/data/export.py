@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ue_lightning.data.cifar_batches import write_marker
 from ue_lightning.data.datasets import CleanImages, load_dataset
 from ue_lightning.data.noise_file import NoiseFile, apply_delta
 from ue_lightning.scratch import scratch_dir
@@ -96,6 +97,7 @@ def _write_cifar_batches(out: Path, clean_train: CleanImages, clean_test: CleanI
         dump(folder / "test", test, clean_test.targets.tolist(), "testing batch")
         with open(folder / "meta", "wb") as f:
             pickle.dump({"fine_label_names": clean_train.class_names}, f)
+        write_marker(folder, noise.metadata.method)
         return
     folder = out / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -106,6 +108,7 @@ def _write_cifar_batches(out: Path, clean_train: CleanImages, clean_test: CleanI
     dump(folder / "test_batch", test, clean_test.targets.tolist(), "testing batch 1 of 1")
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": clean_train.class_names, "num_cases_per_batch": int(bounds[1])}, f)
+    write_marker(folder, noise.metadata.method)
 
 
 def export_protected(
