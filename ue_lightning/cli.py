@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ue_lightning.lightning_cli import UECLI, build_cli, refuse_remote_checkpoint  # noqa: F401  (re-exported)
+from ue_lightning.lightning_cli import UECLI, build_cli  # noqa: F401  (re-exported: tests and callers use ue_lightning.cli)
 
 EXTRA_COMMANDS = ("export", "pipeline")
 
