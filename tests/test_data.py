@@ -220,6 +220,26 @@ def test_an_empty_class_folder_is_refused(fake_image_folder):
         load_dataset("folder", fake_image_folder, True, resize=32)
 
 
+def test_unreadable_images_are_skipped_and_named_once(fake_image_folder):
+    broken = fake_image_folder / "train" / "n00000001" / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    with pytest.warns(UserWarning, match=r"skipped 1 file\(s\).*broken\.png") as record:
+        data = load_dataset("folder", fake_image_folder, True, resize=32)
+    assert len([w for w in record if "skipped" in str(w.message)]) == 1
+    assert str(broken) not in [p for p, _ in data.samples]
+    data[0]  # the rest still loads
+
+
+def test_an_image_with_damaged_data_names_itself(fake_image_folder):
+    from ue_lightning.data.datasets import CorruptImageError
+
+    victim = sorted((fake_image_folder / "train" / "n00000002").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])  # header intact, data cut
+    data = load_dataset("folder", fake_image_folder, True, resize=32)
+    with pytest.raises(CorruptImageError, match=f"{victim.name} cannot be decoded.*replace or delete"):
+        data[[p for p, _ in data.samples].index(str(victim))]
+
+
 def test_cifar_export_reads_back_through_the_package_and_no_download_replaces_it(fake_cifar10, tmp_path):
     import pickle
 

@@ -16,6 +16,7 @@ Two storage forms cover every source:
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -139,8 +140,13 @@ class ImageFiles(CleanImages):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         path, label = self.samples[i]
-        with Image.open(path) as img:
-            image = TF.pil_to_tensor(rgb8(img))
+        try:
+            with Image.open(path) as img:
+                image = TF.pil_to_tensor(rgb8(img))
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for damaged image data
+            raise CorruptImageError(f"{path} cannot be decoded ({err}): its header is intact but its data is "
+                                    "damaged; replace or delete the file (a dataset with it removed is a "
+                                    "different dataset: regenerate its noise)") from err
         image = TF.resize(image, [self.size], antialias=True)
         return TF.center_crop(image, [self.size, self.size]), label
 
@@ -150,6 +156,30 @@ class ImageFiles(CleanImages):
             h.update(f"{Path(path).relative_to(self.root)}:{Path(path).stat().st_size}\n".encode())
         return DataFingerprint(self.name, self.split, len(self), self.image_shape, self.num_classes,
                                _sha256(self.targets.numpy()), h.hexdigest())
+
+
+class CorruptImageError(ValueError):
+    """An image file whose data cannot be decoded."""
+
+
+def readable_images(files: Sequence[Path], what: str) -> list[Path]:
+    """``files`` without those PIL cannot identify (damaged headers, non-images), named in one warning.
+
+    Only the header is read (no decoding), so checking a folder costs little; a file whose
+    header is intact but whose data is damaged fails later, naming itself (:class:`ImageFiles`).
+    """
+    good, bad = [], []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img.size  # noqa: B018 - parsing the header is the check
+            good.append(path)
+        except (OSError, SyntaxError, ValueError):
+            bad.append(path)
+    if bad:
+        shown = ", ".join(str(p) for p in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warnings.warn(f"{what}: skipped {len(bad)} file(s) that are not readable images: {shown}", stacklevel=3)
+    return good
 
 
 # --------------------------------------------------------------------------- sources
@@ -255,6 +285,7 @@ def load_image_folder(root: str | Path, train: bool, *, size: int, num_classes: 
     for label, cls in enumerate(classes):
         folder = split_dir / cls
         files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
+        files = readable_images(files, f"{name} {split_dir.name}/{cls}")
         if train and not files:  # a class without a single training image: the model would get a dead logit
             raise ValueError(f"{name}: the class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
                              "remove it or add its images")
