@@ -51,8 +51,9 @@ def trainer(root: Path | None = None, **kw) -> L.Trainer:
     return L.Trainer(**{**args, **kw})
 
 
-def write_noise(module: ErrorMinimizingNoise, dm: UEDataModule, output: Path) -> NoiseFile:
-    trainer(callbacks=[PerturbationWriter(str(output))]).predict(module, datamodule=dm, return_predictions=False)
+def write_noise(module: ErrorMinimizingNoise, dm: UEDataModule, output: Path, **writer) -> NoiseFile:
+    trainer(callbacks=[PerturbationWriter(str(output), **writer)]).predict(module, datamodule=dm,
+                                                                          return_predictions=False)
     return NoiseFile.open(output)
 
 
@@ -257,6 +258,15 @@ def _other_data(fitted) -> None:
 
 
 # ---------------------------------------------------------------------------------- noise files
+def test_the_writer_assembles_in_chunks_the_same_file(fitted, tmp_path):
+    module = ErrorMinimizingNoise.load_from_checkpoint(fitted["samplewise"])
+    whole = write_noise(module, digits(train_subset=40), tmp_path / "whole.safetensors")
+    chunked = write_noise(module, digits(train_subset=40), tmp_path / "chunked.safetensors", chunk_rows=3)
+    assert np.array_equal(np.asarray(whole.delta), np.asarray(chunked.delta))
+    assert np.array_equal(np.asarray(whole.covered), np.asarray(chunked.covered))
+    assert np.asarray(whole.covered).sum() == 40 and np.abs(np.asarray(whole.delta)).max() > 0
+
+
 def test_samplewise_file_is_the_stored_noise_within_budget(fitted, tmp_path):
     module = ErrorMinimizingNoise.load_from_checkpoint(fitted["samplewise"])
     dm = digits(train_subset=40)

@@ -28,11 +28,18 @@ class PerturbationWriter(BasePredictionWriter):
     keeping the first copy of an index that the distributed sampler's padding repeated,
     and checking that every index of the predict set is there exactly once. Shards live
     next to ``output``, so multi-node runs need ``output`` on a shared filesystem.
+    Memory is O(batch) while predicting and O(``chunk_rows``) while assembling (shards and
+    the output are memory-mapped), plus 9 bytes a sample for the indices and coverage.
+
+    Args:
+        output: path of the noise file (``.safetensors``), written atomically.
+        chunk_rows: rows copied at a time from a shard into the noise file.
     """
 
-    def __init__(self, output: str):
+    def __init__(self, output: str, chunk_rows: int = 4096):
         super().__init__(write_interval="batch")
         self.output = Path(output)
+        self.chunk_rows = int(chunk_rows)
         self._shards: Path | None = None  # this run's shard folder, chosen by rank 0 at predict start
 
     def _paths(self, rank: int) -> tuple[Path, Path]:
@@ -84,15 +91,19 @@ class PerturbationWriter(BasePredictionWriter):
         with NoiseFileWriter(self.output, shape, meta) as w:
             for rank in range(trainer.world_size):
                 index_path, delta_path = self._paths(rank)
-                index = np.fromfile(index_path, dtype=np.int64)
-                delta = np.fromfile(delta_path, dtype=np.int8).reshape(len(index), *clean.image_shape)
+                index = np.fromfile(index_path, dtype=np.int64)  # 8 bytes a sample
                 fresh = w.covered[index] == 0
                 _, first = np.unique(index, return_index=True)  # a rank may also repeat an index
                 keep = np.zeros(len(index), dtype=bool)
                 keep[first] = True
                 keep &= fresh
-                w.delta[index[keep]] = delta[keep]
                 w.covered[index[keep]] = 1
+                # The shard is mapped, not read: memory stays O(chunk) whatever the dataset's size.
+                delta = np.memmap(delta_path, dtype=np.int8, mode="r", shape=(len(index), *clean.image_shape))
+                for start in range(0, len(index), self.chunk_rows):
+                    rows = slice(start, start + self.chunk_rows)
+                    w.delta[index[rows][keep[rows]]] = delta[rows][keep[rows]]
+                del delta
             got = torch.from_numpy(np.asarray(w.covered).nonzero()[0])
             if not torch.equal(got, expected.sort().values):
                 missing = np.setdiff1d(expected.numpy(), got.numpy())
