@@ -29,3 +29,13 @@ def test_the_check_sees_the_modules():
     names = {c.__name__ for c in CLASSES}
     assert {"VictimClassifier", "ErrorMinimizingNoise", "RobustNoiseGenerator", "ScoreEstimator",
             "TransferableNoise"} <= names
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["-h"]], ids=["bare", "--help", "-h"])
+def test_ue_help_lists_every_command(argv, capsys):
+    from ue_lightning.cli import main
+
+    main(argv)
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "export", "pipeline"):
+        assert f"\n  {command} " in out, command

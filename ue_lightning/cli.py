@@ -17,6 +17,26 @@ from ue_lightning.lightning_cli import UECLI, build_cli  # noqa: F401  (re-expor
 
 EXTRA_COMMANDS = ("export", "pipeline")
 
+TOP_HELP = """usage: ue COMMAND [options]    (ue COMMAND --help: that command's options)
+
+Make image datasets unlearnable, and measure how well the protection holds.
+
+commands:
+  fit        train a model from YAML configs: a score estimator, a noise generator or a victim
+  validate   evaluate a model on the validation split
+  test       evaluate a model (e.g. a victim from its checkpoint) on the clean test split
+  predict    write a fitted generator's noise over the train split to a noise file
+  export     apply a noise file to a dataset and write the protected images (png or CIFAR batches)
+  pipeline   score estimator -> generators -> noise files -> victims -> accuracy table, in one go
+
+examples:
+  ue pipeline                                        # everything on the embedded digits, ~3 min
+  ue fit --config configs/generator/em-samplewise-cifar10.yaml
+  ue predict --config configs/generator/em-samplewise-cifar10.yaml --ckpt_path <last.ckpt>
+  ue fit --config configs/data/cifar10.yaml --config configs/victim/resnet18.yaml \\
+      --data.perturbation runs/noise/em-samplewise-cifar10.safetensors
+"""
+
 
 #: Errors that mean "the input is wrong" (a bad value, a foreign or damaged file, a missing path): ``ue``
 #: prints their message alone and exits with 2; ``UE_DEBUG=1`` shows the traceback instead.
@@ -47,7 +67,10 @@ def _root_message(error: BaseException) -> str:
 
 def _run(argv: list[str] | None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in EXTRA_COMMANDS:
+    if not args or args[0] in ("-h", "--help"):
+        print(TOP_HELP, end="")
+        return
+    if args[0] in EXTRA_COMMANDS:
         from jsonargparse import CLI
 
         if args[0] == "export":
