@@ -182,7 +182,8 @@ def test_generator_refuses_augmented_data_and_predicting_untrained(tmp_path):
 
 CLI = ["--config", str(REPO / "configs/generator/tue-digits.yaml"), "--model.init_args.width", "4",
        "--model.init_args.steps", "4", "--model.init_args.train_steps", "5", "--data.train_subset", "200",
-       "--data.batch_size", "40", "--data.resize", "8", "--trainer.enable_progress_bar", "false",
+       "--data.batch_size", "40", "--data.resize", "8", "--model.init_args.epsilon", "8",  # _tiny_generator's
+       "--model.init_args.step_size", "0.8", "--trainer.enable_progress_bar", "false",
        "--trainer.enable_model_summary", "false"]
 
 

@@ -76,8 +76,8 @@ def run_pipeline(
 
     Args:
         score: ScoreEstimator config (None: skip, for generators that need no score model).
-        generators: name -> generator config (default: EM class-wise and sample-wise, REM and collapse on
-            the embedded digits).
+        generators: name -> generator config (default: EM class-wise, TUE, EM sample-wise, REM and
+            collapse on the embedded digits).
         victim: VictimClassifier config (its data section is the one the victims train on).
         adv_radii: adversarial-training radii of the victims, in 1/255 units (0: standard training).
         workdir: where checkpoints, noise files and ``results.json`` go.
@@ -87,7 +87,8 @@ def run_pipeline(
         (``test_acc``: on the clean test set, the measure of protection).
     """
     generators = generators if generators is not None else {
-        name: f"configs/generator/{name}-digits.yaml" for name in ("em-classwise", "em-samplewise", "rem", "collapse")}
+        name: f"configs/generator/{name}-digits.yaml"
+        for name in ("em-classwise", "tue", "em-samplewise", "rem", "collapse")}
     adv_radii = adv_radii if adv_radii is not None else [0.0]
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
