@@ -20,7 +20,7 @@ from ue_lightning.callbacks import PerturbationWriter
 from ue_lightning.data import UEDataModule
 from ue_lightning.data.noise_file import NoiseFile, quantize_delta
 from ue_lightning.modules import ErrorMinimizingNoise
-from ue_lightning.modules.em import CHECKPOINT_KEY, center_crop_to, first_unseen
+from ue_lightning.modules.em import CHECKPOINT_KEY, first_unseen
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -323,8 +323,9 @@ def test_generate_is_projected_and_center_cropped():
     delta = module.generate(x, torch.zeros(4, dtype=torch.long), torch.arange(4))
     assert delta.shape == x.shape and ((x + delta) <= 1).all() and (delta >= 0).all()
     assert torch.allclose(delta[:2], torch.full_like(delta[:2], 8 / 255))
-    big = torch.arange(16.0).view(1, 4, 4)
-    assert torch.equal(center_crop_to(big, (2, 2)), torch.tensor([[[5.0, 6.0], [9.0, 10.0]]]))
+    module.noise = torch.arange(16.0).view(1, 1, 4, 4) / 4 / 255  # 4x4 noise (< 4/255) for a 2x2 crop
+    delta = module.generate(torch.full((1, 1, 2, 2), 0.5), torch.zeros(1, dtype=torch.long), torch.zeros(1).long())
+    assert torch.allclose(delta * 255 * 4, torch.tensor([[[[5.0, 6.0], [9.0, 10.0]]]]))
 
 
 def test_first_unseen_keeps_each_index_once_per_pass():

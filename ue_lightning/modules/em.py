@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision.transforms.v2 import functional as TF
 
 from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, pgd_minimize, project_linf
 from ue_lightning.data.datamodule import stratified_subset
@@ -71,15 +72,6 @@ from ue_lightning.sample_rng import salt_of
 
 CHECKPOINT_KEY = "error_minimizing_noise"
 NOISE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-def center_crop_to(t: Tensor, size: tuple[int, int]) -> Tensor:
-    """Centre crop of (..., H, W) to ``size``, placed as torchvision's ``CenterCrop`` places it."""
-    h, w = t.shape[-2:]
-    if (h, w) == tuple(size):
-        return t
-    top, left = int(round((h - size[0]) / 2.0)), int(round((w - size[1]) / 2.0))
-    return t[..., top:top + size[0], left:left + size[1]]
 
 
 def first_unseen(index: Tensor, seen: Tensor) -> Tensor:
@@ -287,7 +279,7 @@ class ErrorMinimizingNoise(NoiseGenerator):
         ``x + delta`` is in [0, 1].
         """
         rows = (y if self.classwise else index).cpu()
-        delta = center_crop_to(self.noise[rows], tuple(x.shape[-2:]))
+        delta = TF.center_crop(self.noise[rows], list(x.shape[-2:]))
         return project_linf(delta.to(device=x.device, dtype=x.dtype), x, self.radius)
 
     def generate(self, x: Tensor, y: Tensor, index: Tensor) -> Tensor:

@@ -17,6 +17,11 @@ def to_uint8(x: Tensor) -> Tensor:
     return (x * 255.0).round().clamp(0, 255).to(torch.uint8)
 
 
+def round_to_pixel_grid(x: Tensor) -> Tensor:
+    """Images in [0, 1] rounded to the 1/255 grid (what a uint8 protected image stores), in ``x``'s dtype."""
+    return to_uint8(x).to(x.dtype) / 255.0
+
+
 class NoiseGenerator(L.LightningModule):
     """Base class of the noise generators.
 

@@ -41,7 +41,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, input_gradient, pgd_maximize, project_linf
 from ue_lightning.augment import random_crop_flip
 from ue_lightning.models import build_classifier
-from ue_lightning.modules.generator_base import NoiseGenerator
+from ue_lightning.modules.generator_base import NoiseGenerator, round_to_pixel_grid
 from ue_lightning.sample_rng import indexed_uniform, salt_of
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -67,11 +67,6 @@ def score_norm(score_fn: ScoreFn, x: Tensor, y: Tensor) -> Tensor:
     (where the score vanishes), i.e. collapses the class.
     """
     return score_fn(x, y).flatten(1).norm(dim=1).sum()
-
-
-def round_to_pixel_grid(x: Tensor) -> Tensor:
-    """Round images in [0, 1] to the 1/255 grid (what a uint8 protected image stores)."""
-    return (x * 255.0).round().clamp(0, 255) / 255.0
 
 
 def load_score_model(checkpoint_path: str, *, num_classes: int, in_channels: int, image_size: int) -> ScoreModel:

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from ue_lightning.attacks import budget_to_pixels, pgd_minimize, project_linf
 from ue_lightning.data.datamodule import ProtectedImages
@@ -31,15 +32,6 @@ from ue_lightning.modules.generator_base import NoiseGenerator
 from ue_lightning.modules.simclr import SimCLRNet, classwise_separability, first_occurrences, nt_xent, simclr_views
 
 _STATE_KEY = "transferable_noise"
-
-
-def center_crop(t: Tensor, size: int) -> Tensor:
-    """Centre crop (…, H, W) -> (…, size, size) with torchvision's CenterCrop offsets."""
-    h, w = t.shape[-2:]
-    if (h, w) == (size, size):
-        return t
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return t[..., top:top + size, left:left + size]
 
 
 class TransferableNoise(NoiseGenerator):
@@ -171,7 +163,7 @@ class TransferableNoise(NoiseGenerator):
     def _noise_for(self, index: Tensor, size: int | None = None) -> Tensor:
         """Stored noise of ``index`` (CPU), centre-cropped to ``size`` (what CenterCrop did to the image)."""
         noise = self.noise[index.cpu()]
-        return noise if size is None else center_crop(noise, size)
+        return noise if size is None else TF.center_crop(noise, [size, size])
 
     # ------------------------------------------------------------------ surrogate (SimCLR)
     def _view(self, x: Tensor) -> Tensor:
