@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from ue_lightning.data.noise_file import NoiseFile, NoiseFileWriter, NoiseMetadata
+from ue_lightning.padding import first_occurrences
 from ue_lightning.scratch import scratch_dir
 
 
@@ -92,11 +93,8 @@ class PerturbationWriter(BasePredictionWriter):
             for rank in range(trainer.world_size):
                 index_path, delta_path = self._paths(rank)
                 index = np.fromfile(index_path, dtype=np.int64)  # 8 bytes a sample
-                fresh = w.covered[index] == 0
-                _, first = np.unique(index, return_index=True)  # a rank may also repeat an index
-                keep = np.zeros(len(index), dtype=bool)
-                keep[first] = True
-                keep &= fresh
+                # a rank may repeat an index (sampler padding), and ranks may share one
+                keep = first_occurrences(torch.from_numpy(index)).numpy() & (w.covered[index] == 0)
                 w.covered[index[keep]] = 1
                 # The shard is mapped, not read: memory stays O(chunk) whatever the dataset's size.
                 delta = np.memmap(delta_path, dtype=np.int8, mode="r", shape=(len(index), *clean.image_shape))

@@ -68,27 +68,11 @@ from ue_lightning.data.datamodule import stratified_subset
 from ue_lightning.models import batchnorm_statistics_frozen, build_classifier
 from ue_lightning.augment import random_crop_flip
 from ue_lightning.modules.generator_base import NoiseGenerator
+from ue_lightning.padding import first_unseen
 from ue_lightning.sample_rng import salt_of
 
 CHECKPOINT_KEY = "error_minimizing_noise"
 NOISE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-def first_unseen(index: Tensor, seen: Tensor) -> Tensor:
-    """Bool mask over ``index`` (CPU int64): the first occurrence of each index not yet ``seen``.
-
-    Marks the kept indices in ``seen`` (bool, one entry per train sample). A noise pass
-    uses it to drop the duplicates that ``DistributedSampler`` pads the last batches with,
-    so every sample is updated and counted exactly once per pass.
-    """
-    n = len(index)
-    uniq, inverse = torch.unique(index, return_inverse=True)
-    first = torch.full((len(uniq),), n, dtype=torch.long).scatter_reduce(0, inverse, torch.arange(n), "amin")
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[first] = True
-    keep &= ~seen[index]
-    seen[index[keep]] = True
-    return keep
 
 
 class ErrorMinimizingNoise(NoiseGenerator):

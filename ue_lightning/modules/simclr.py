@@ -6,8 +6,7 @@
 * :func:`simclr_views`: SimCLR's view augmentation (random resized crop, flip, colour
   jitter, grayscale), differentiable and drawn per sample, so gradients reach the
   input (used while optimising noise) and every image of a batch gets its own view;
-* :func:`classwise_separability`, the Classwise Separability Discriminant (CSD) of TUE;
-* :func:`first_occurrences`, to drop the duplicates a DistributedSampler pads shards with.
+* :func:`classwise_separability`, the Classwise Separability Discriminant (CSD) of TUE.
 
 Images are float tensors (B, C, H, W) with pixels in [0, 1].
 """
@@ -113,21 +112,6 @@ def classwise_separability(noise: Tensor, labels: Tensor, *, detach_spread: bool
     i, j = torch.triu_indices(k, k, offset=1, device=flat.device)  # the ratio is symmetric in (i, j)
     centre_distance = (centres[i] - centres[j]).norm(dim=1)
     return ((spread[i] + spread[j] + stabilizer) / (centre_distance + stabilizer)).mean()
-
-
-def first_occurrences(index: Tensor) -> Tensor:
-    """Bool mask (B,) keeping the first occurrence of every value of ``index`` (B,).
-
-    After an all-gather, the samples a DistributedSampler repeated to even out the shards
-    appear twice; every rank drops the same copies, so all ranks end up with the same data.
-    """
-    order = torch.argsort(index, stable=True)
-    sorted_index = index[order]
-    first = torch.ones_like(sorted_index, dtype=torch.bool)
-    first[1:] = sorted_index[1:] != sorted_index[:-1]
-    keep = torch.zeros_like(first)
-    keep[order[first]] = True
-    return keep
 
 
 # ----------------------------------------------------------------------------- augmentations

@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchmetrics.classification import MulticlassAccuracy
 
 from ue_lightning.data.datamodule import ProtectedImages
-from ue_lightning.modules.simclr import SimCLRNet, first_occurrences, nt_xent, simclr_views
+from ue_lightning.modules.simclr import SimCLRNet, nt_xent, simclr_views
+from ue_lightning.padding import first_occurrences
 
 
 class LinearProbe(nn.Module):

@@ -29,7 +29,8 @@ from torchvision.transforms.v2 import functional as TF
 from ue_lightning.attacks import budget_to_pixels, pgd_minimize, project_linf
 from ue_lightning.data.datamodule import ProtectedImages
 from ue_lightning.modules.generator_base import NoiseGenerator
-from ue_lightning.modules.simclr import SimCLRNet, classwise_separability, first_occurrences, nt_xent, simclr_views
+from ue_lightning.modules.simclr import SimCLRNet, classwise_separability, nt_xent, simclr_views
+from ue_lightning.padding import first_occurrences
 
 _STATE_KEY = "transferable_noise"
 
