@@ -40,11 +40,15 @@ def project_linf(delta: Tensor, x: Tensor, radius: float) -> Tensor:
     return (x + delta).clamp(0.0, 1.0) - x
 
 
+def box_start(u: Tensor, x: Tensor, radius: float) -> Tensor:
+    """The perturbation ``(2u - 1) * radius`` for uniforms ``u`` in [0, 1) shaped as ``x``, projected."""
+    return project_linf((2.0 * u.to(device=x.device, dtype=x.dtype) - 1.0) * radius, x, radius)
+
+
 def uniform_start(x: Tensor, radius: float, generator: torch.Generator | None = None) -> Tensor:
     """A uniformly random perturbation in the radius-``radius`` box, projected."""
-    noise = torch.rand(x.shape, generator=generator, device=x.device if generator is None else "cpu")
-    noise = noise.to(device=x.device, dtype=x.dtype)
-    return project_linf((2.0 * noise - 1.0) * radius, x, radius)
+    u = torch.rand(x.shape, generator=generator, device=x.device if generator is None else "cpu")
+    return box_start(u, x, radius)
 
 
 def input_gradient(loss_fn: LossFn, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:

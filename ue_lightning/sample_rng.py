@@ -8,6 +8,7 @@ device-agnostic and bit-identical on every device.
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
@@ -42,3 +43,10 @@ def indexed_uniform(index: Tensor, shape: tuple[int, ...], seed: int, salt: int 
 def salt_of(*parts: object) -> int:
     """A 32-bit salt naming one random draw, e.g. ``salt_of("step", 12, "eot", 3, 1)``."""
     return zlib.crc32(":".join(str(p) for p in parts).encode())
+
+
+def indexed_normal(index: Tensor, shape: tuple[int, ...], seed: int, salt: int = 0) -> Tensor:
+    """Standard normal ``(B, *shape)`` float32, a pure function of (seed, sample index, salt) (Box-Muller)."""
+    u = indexed_uniform(index, (2, *shape), seed, salt).double()
+    radius = torch.sqrt(-2.0 * torch.log1p(-u[:, 0]))  # 1 - u in (0, 1]: log never sees 0
+    return (radius * torch.cos(2.0 * math.pi * u[:, 1])).float()

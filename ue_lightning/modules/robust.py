@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, input_gradient, pgd_maximize, project_linf
+from ue_lightning.attacks import (box_start, budget_to_pixels, cross_entropy_sum, input_gradient, pgd_maximize,
+                                  project_linf)
 from ue_lightning.augment import random_crop_flip
 from ue_lightning.models import build_classifier
 from ue_lightning.modules.generator_base import NoiseGenerator, round_to_pixel_grid
@@ -192,8 +193,7 @@ class RobustNoiseGenerator(NoiseGenerator):
     # ------------------------------------------------------------------ the three steps
     def uniform_box(self, index: Tensor, x: Tensor, radius: float, salt: int) -> Tensor:
         """Per-sample uniform start in ``[-radius, radius]`` (B, C, H, W), projected so x + start is in [0, 1]."""
-        u = indexed_uniform(index, tuple(x.shape[1:]), self.seed, salt).to(device=x.device, dtype=x.dtype)
-        return project_linf((2.0 * u - 1.0) * radius, x, radius)
+        return box_start(indexed_uniform(index, tuple(x.shape[1:]), self.seed, salt), x, radius)
 
     def augment(self, x: Tensor, index: Tensor, salt: int) -> Tensor:
         """Differentiable per-sample crop (``eot_padding``) and flip (``eot_flip``)."""

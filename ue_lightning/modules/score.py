@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ue_lightning.models import ScoreNet
-from ue_lightning.sample_rng import indexed_uniform
+from ue_lightning.sample_rng import indexed_normal
 
 #: salt of the per-sample validation noise (see :func:`indexed_normal`)
 _VAL_NOISE_SALT = 0x5C0E
@@ -42,13 +42,6 @@ _VAL_NOISE_SALT = 0x5C0E
 def geometric_sigmas(sigma_max: float, sigma_min: float, num_sigmas: int) -> Tensor:
     """``num_sigmas`` noise levels from ``sigma_max`` down to ``sigma_min``, evenly spaced in log (float32)."""
     return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), num_sigmas, dtype=torch.float64).float()
-
-
-def indexed_normal(index: Tensor, shape: tuple[int, ...], seed: int, salt: int = 0) -> Tensor:
-    """Standard normal ``(B, *shape)`` that depends only on (seed, sample index, salt) (Box-Muller)."""
-    u = indexed_uniform(index, (2, *shape), seed, salt)
-    radius = torch.sqrt(-2.0 * torch.log1p(-u[:, 0]))  # 1 - u in (0, 1]: log never sees 0
-    return radius * torch.cos(2.0 * math.pi * u[:, 1])
 
 
 def dsm_loss_per_sample(scaled_score: Tensor, eps: Tensor) -> Tensor:

@@ -40,16 +40,9 @@ from torch import Tensor
 
 from ue_lightning.attacks import budget_to_pixels, project_linf
 from ue_lightning.modules.generator_base import NoiseGenerator
-from ue_lightning.sample_rng import indexed_uniform
+from ue_lightning.sample_rng import indexed_normal, indexed_uniform
 
 _MAX_MIXING_ENTRIES = 50_000_000  # K * d * d floats: refuse codes too large to mix
-
-
-def indexed_normal(index: Tensor, size: int, seed: int, salt: int = 0) -> Tensor:
-    """Standard normal (B, size) float32, a pure function of (seed, index, salt) (Box-Muller)."""
-    u = indexed_uniform(index, (2, size), seed, salt).double()
-    radius = torch.sqrt(-2.0 * torch.log1p(-u[:, 0]))  # 1 - u in (0, 1]
-    return (radius * torch.cos(2.0 * math.pi * u[:, 1])).float()
 
 
 def hypercube_vertices(num: int, dim: int, generator: torch.Generator) -> Tensor:
@@ -126,7 +119,7 @@ class LinearSeparableNoise(NoiseGenerator):
             raise ValueError(f"labels must be in 0..{self.num_classes - 1}, got {int(y.min())}..{int(y.max())}")
         centres, mixing = self.clusters(dim)
         y_cpu = y.cpu()
-        z = indexed_normal(index.cpu(), dim, self.seed)
+        z = indexed_normal(index.cpu(), (dim,), self.seed)
         return centres[y_cpu] + torch.einsum("bi,bij->bj", z, mixing[y_cpu])
 
     def patterns(self, y: Tensor, index: Tensor, shape: tuple[int, int, int]) -> Tensor:

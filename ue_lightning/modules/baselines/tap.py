@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ue_lightning.attacks import budget_to_pixels, pgd_minimize, project_linf
+from ue_lightning.attacks import box_start, budget_to_pixels, pgd_minimize
 from ue_lightning.augment import random_crop_flip
 from ue_lightning.models import build_classifier
 from ue_lightning.modules.generator_base import NoiseGenerator
@@ -191,10 +191,9 @@ class TargetedAdversarialPoison(NoiseGenerator):
         padding = self.hparams.padding if self.hparams.padding is not None else max(1, x.shape[-1] // 8)
         best, best_loss = None, None
         for restart in range(self.hparams.restarts):
-            start = (2.0 * indexed_uniform(index, tuple(x.shape[1:]), self.seed, salt=2 * restart).to(x) - 1.0)
+            start = box_start(indexed_uniform(index, tuple(x.shape[1:]), self.seed, salt=2 * restart), x, self.radius)
             delta = pgd_minimize(self._loss(target, index, restart, padding), x, radius=self.radius,
-                                 step_size=self.step_size, steps=self.hparams.steps,
-                                 init=project_linf(start * self.radius, x, self.radius))
+                                 step_size=self.step_size, steps=self.hparams.steps, init=start)
             if self.hparams.restarts == 1:
                 return delta
             with torch.no_grad():
