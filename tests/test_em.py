@@ -103,8 +103,8 @@ def test_stop_rule_fires_once_the_surrogate_has_learned_the_noise():
     # SGD steps and before its pass, so the noise kept is the one the surrogate learned
     assert module.surrogate_steps == 10 * (module.rounds + 1)
     assert t.current_epoch >= 3
-    assert module.noise.abs().max() <= module.radius + 1e-6
-    assert module.noise.abs().max() > 0.5 * module.radius
+    assert module.noise.abs().max() <= module.radius_px + 1e-6
+    assert module.noise.abs().max() > 0.5 * module.radius_px
 
 
 def test_stop_rule_waits_while_the_surrogate_has_not_learned_the_noise(monkeypatch):
@@ -196,7 +196,7 @@ def test_noise_pass_only_touches_the_train_subset_and_stays_in_budget(fitted):
     moved = module.noise.flatten(1).abs().amax(1) > 0
     assert moved[used].all() and not moved[~used].any()
     assert torch.equal(module.covered, used)
-    assert module.noise.abs().max() <= module.radius + 1e-6
+    assert module.noise.abs().max() <= module.radius_px + 1e-6
 
 
 # ---------------------------------------------------------------------------------- checkpoints

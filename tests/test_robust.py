@@ -126,8 +126,8 @@ def test_noise_respects_the_budget_and_the_pixel_box(form: str, start: str) -> N
     gen = make_generator(form=form, start=start)
     delta = gen.generate(x, y, index)
     assert delta.shape == x.shape and not delta.requires_grad
-    assert delta.abs().max() <= gen.radius + 1e-6
-    assert delta.abs().max() > 0.5 * gen.radius  # it did move
+    assert delta.abs().max() <= gen.radius_px + 1e-6
+    assert delta.abs().max() > 0.5 * gen.radius_px  # it did move
     assert (x + delta).min() >= 0.0 and (x + delta).max() <= 1.0
     assert (delta[:, :, :2] >= 0).all() and (delta[:, :, -2:] <= 0).all()
 

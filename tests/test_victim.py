@@ -45,7 +45,7 @@ def test_adversarial_fit_reports_robust_accuracy(tmp_path):
     ckpt = _fit(tmp_path, "--trainer.max_epochs", "1", "--model.init_args.adv_radius", "4",
                 "--model.init_args.adv_steps", "2", "--model.init_args.robust_eval", "true")
     model = VictimClassifier.load_from_checkpoint(ckpt)
-    assert model.radius == pytest.approx(4 / 255) and model.step_size == pytest.approx(1 / 255)
+    assert model.adv_radius_px == pytest.approx(4 / 255) and model.adv_step_size_px == pytest.approx(1 / 255)
     out = run_ue("test", *TINY, "--ckpt_path", str(ckpt), "--model.init_args.adv_radius", "4",
                  "--model.init_args.adv_steps", "2", "--model.init_args.robust_eval", "true",
                  "--trainer.default_root_dir", str(tmp_path)).stdout

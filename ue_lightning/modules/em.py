@@ -171,7 +171,7 @@ class ErrorMinimizingNoise(NoiseGenerator):
         self.automatic_optimization = False
         self.method = f"em-{mode}"
         self.classwise = mode == "classwise"
-        self.step_size = budget_to_pixels(step_size, "step_size", allow_zero=False)
+        self.step_size_px = budget_to_pixels(step_size, "step_size", allow_zero=False)
         self.steps = steps
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -264,7 +264,7 @@ class ErrorMinimizingNoise(NoiseGenerator):
         """
         rows = (y if self.classwise else index).cpu()
         delta = TF.center_crop(self.noise[rows], list(x.shape[-2:]))
-        return project_linf(delta.to(device=x.device, dtype=x.dtype), x, self.radius)
+        return project_linf(delta.to(device=x.device, dtype=x.dtype), x, self.radius_px)
 
     def generate(self, x: Tensor, y: Tensor, index: Tensor) -> Tensor:
         return self.stored_delta(x, y, index)
@@ -442,7 +442,7 @@ class ErrorMinimizingNoise(NoiseGenerator):
                                                salt=salt_of("em", self.rounds, k, e)))
                            for e in range(h.eot_samples))
 
-        return pgd_minimize(loss, x, radius=self.radius, step_size=self.step_size, steps=self.steps, init=init)
+        return pgd_minimize(loss, x, radius=self.radius_px, step_size=self.step_size_px, steps=self.steps, init=init)
 
     def _samplewise_pass(self) -> float:
         """PGD descent on every train sample from its stored noise; returns the accuracy at the new noise."""
@@ -473,7 +473,7 @@ class ErrorMinimizingNoise(NoiseGenerator):
             counts = torch.bincount(y, minlength=len(self.noise))
             present = counts > 0
             mean = sums[present] / counts[present].view(-1, 1, 1, 1)
-            self.noise[present] = mean.clamp(-self.radius, self.radius).to(self.noise.dtype)
+            self.noise[present] = mean.clamp(-self.radius_px, self.radius_px).to(self.noise.dtype)
 
     @torch.no_grad()
     def _classwise_accuracy(self) -> float:

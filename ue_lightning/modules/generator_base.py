@@ -37,7 +37,7 @@ class NoiseGenerator(L.LightningModule):
     def __init__(self, epsilon: float = 8.0, seed: int = 0):
         super().__init__()
         self.epsilon = float(epsilon)  # 1/255 units, as in configs and noise files
-        self.radius = budget_to_pixels(epsilon, "epsilon", allow_zero=False)  # pixel units
+        self.radius_px = budget_to_pixels(epsilon, "epsilon", allow_zero=False)  # pixel units
         self.seed = int(seed)
 
     def generate(self, x: Tensor, y: Tensor, index: Tensor) -> Tensor:

@@ -232,7 +232,7 @@ class RobustNoiseGenerator(NoiseGenerator):
         with torch.inference_mode(False), torch.enable_grad():
             x, y, index = x.detach().clone(), y.detach().clone(), index.detach().clone()
             if h.start == "random":
-                delta = self.uniform_box(index, x, self.radius, salt_of(stream, "start"))
+                delta = self.uniform_box(index, x, self.radius_px, salt_of(stream, "start"))
             else:
                 delta = torch.zeros_like(x)
             score = self.score_model(x.device)
@@ -241,7 +241,7 @@ class RobustNoiseGenerator(NoiseGenerator):
                 if score is not None:
                     _, g_score = input_gradient(lambda xp: score_norm(score.score, xp, y), x, delta)
                     step = step + self.score_step_size_px * g_score.sign()
-                delta = project_linf(delta - step, x, self.radius).detach()
+                delta = project_linf(delta - step, x, self.radius_px).detach()
         return delta
 
     @contextmanager

@@ -117,7 +117,7 @@ class TransferableNoise(NoiseGenerator):
             raise ValueError(f"steps={steps}, train_steps={train_steps}, eot_size={eot_size} must be positive")
         if state_dtype not in ("float32", "float16"):
             raise ValueError(f"state_dtype={state_dtype!r}: choose float32 or float16")
-        self.step_size = budget_to_pixels(step_size, "step_size", allow_zero=False)
+        self.step_size_px = budget_to_pixels(step_size, "step_size", allow_zero=False)
         self._state_dtype = getattr(torch, state_dtype)
         self.automatic_optimization = False
         self.net = SimCLRNet(arch, in_channels, image_size, width, proj_dim)
@@ -131,7 +131,7 @@ class TransferableNoise(NoiseGenerator):
         if not self.hparams.random_start:
             return torch.zeros(shape, dtype=self._state_dtype)
         g = torch.Generator().manual_seed(self.seed)  # the same on every rank
-        return ((2 * torch.rand(shape, generator=g) - 1) * self.radius).to(self._state_dtype)
+        return ((2 * torch.rand(shape, generator=g) - 1) * self.radius_px).to(self._state_dtype)
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
@@ -231,7 +231,7 @@ class TransferableNoise(NoiseGenerator):
         csd_sum, batches = 0.0, 0
         for x, y, index in self._noise_loader():
             x, y = x.to(self.device), y.to(self.device)
-            delta = pgd_minimize(self.noise_objective(x, y), x, radius=self.radius, step_size=self.step_size,
+            delta = pgd_minimize(self.noise_objective(x, y), x, radius=self.radius_px, step_size=self.step_size_px,
                                  steps=h.steps, init=self._noise_for(index).to(x))
             with torch.no_grad():
                 csd_sum += float(classwise_separability(delta, y))
@@ -259,7 +259,7 @@ class TransferableNoise(NoiseGenerator):
         if tuple(self.noise.shape[1:]) != tuple(x.shape[1:]) or int(index.max()) >= len(self.noise):
             raise ValueError(f"noise state {tuple(self.noise.shape)} does not fit batch {tuple(x.shape)} "
                              f"(max index {int(index.max())}): predict on the data the noise was made for")
-        return project_linf(self._noise_for(index).to(x), x, self.radius)
+        return project_linf(self._noise_for(index).to(x), x, self.radius_px)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

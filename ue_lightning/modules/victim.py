@@ -61,9 +61,9 @@ class VictimClassifier(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.radius = budget_to_pixels(adv_radius, "adv_radius")
+        self.adv_radius_px = budget_to_pixels(adv_radius, "adv_radius")
         step = adv_radius / 4 if adv_step_size is None else adv_step_size
-        self.step_size = budget_to_pixels(step, "adv_step_size") if adv_radius > 0 else 0.0
+        self.adv_step_size_px = budget_to_pixels(step, "adv_step_size") if adv_radius > 0 else 0.0
         self.model = build_classifier(arch, num_classes, in_channels=in_channels, image_size=image_size, width=width)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -78,14 +78,14 @@ class VictimClassifier(L.LightningModule):
         """PGD examples at ``adv_radius`` (random start), BatchNorm in ``attack_mode``."""
         was_training = self.model.training
         self.model.train(self.hparams.attack_mode == "train")
-        delta = pgd_maximize(cross_entropy_sum(self.model, y), x, radius=self.radius, step_size=self.step_size,
+        delta = pgd_maximize(cross_entropy_sum(self.model, y), x, radius=self.adv_radius_px, step_size=self.adv_step_size_px,
                              steps=self.hparams.adv_steps, random_start=True)
         self.model.train(was_training)
         return x + delta
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y, _ = batch
-        if self.radius > 0:
+        if self.adv_radius_px > 0:
             x = self.adversarial(x, y)
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
@@ -103,7 +103,7 @@ class VictimClassifier(L.LightningModule):
         x, y, _ = batch
         self.test_acc(self.model(x), y)
         self.log("test/acc", self.test_acc, on_epoch=True)
-        if self.hparams.robust_eval and self.radius > 0:
+        if self.hparams.robust_eval and self.adv_radius_px > 0:
             self.test_robust_acc(self.model(self.adversarial(x, y)), y)
             self.log("test/robust_acc", self.test_robust_acc, on_epoch=True)
 

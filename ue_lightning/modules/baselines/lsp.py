@@ -135,4 +135,4 @@ class LinearSeparableNoise(NoiseGenerator):
     def generate(self, x: Tensor, y: Tensor, index: Tensor) -> Tensor:
         """delta (B, C, H, W) in pixel units, |delta| <= radius, x + delta in [0, 1]."""
         delta = self.patterns(y, index, tuple(x.shape[1:])).to(x)
-        return project_linf(delta, x, self.radius)
+        return project_linf(delta, x, self.radius_px)

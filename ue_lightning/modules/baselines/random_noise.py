@@ -37,4 +37,4 @@ class RandomNoise(NoiseGenerator):
         """delta (B, C, H, W) in pixel units, |delta| <= radius, x + delta in [0, 1]."""
         u = indexed_uniform(index, tuple(x.shape[1:]), self.seed).to(x)
         unit = (u >= 0.5).to(x) * 2.0 - 1.0 if self.hparams.sign else 2.0 * u - 1.0
-        return project_linf(unit * self.radius, x, self.radius)
+        return project_linf(unit * self.radius_px, x, self.radius_px)

@@ -153,7 +153,7 @@ class TargetedAdversarialPoison(NoiseGenerator):
             raise ValueError(f"steps={steps} and restarts={restarts} must be at least 1")
         if padding is not None and padding < 0:
             raise ValueError(f"padding={padding} must be >= 0 (pixels)")
-        self.step_size = budget_to_pixels(step_size, "step_size", allow_zero=False)
+        self.step_size_px = budget_to_pixels(step_size, "step_size", allow_zero=False)
         self.classifier = load_victim_classifier(classifier_checkpoint, num_classes, in_channels, image_size)
         self.classifier.eval().requires_grad_(False)
         self.register_buffer("target_of_class", target_map(num_classes, target_shift, target_permutation),
@@ -191,9 +191,9 @@ class TargetedAdversarialPoison(NoiseGenerator):
         padding = self.hparams.padding if self.hparams.padding is not None else max(1, x.shape[-1] // 8)
         best, best_loss = None, None
         for restart in range(self.hparams.restarts):
-            start = box_start(indexed_uniform(index, tuple(x.shape[1:]), self.seed, salt=2 * restart), x, self.radius)
-            delta = pgd_minimize(self._loss(target, index, restart, padding), x, radius=self.radius,
-                                 step_size=self.step_size, steps=self.hparams.steps, init=start)
+            start = box_start(indexed_uniform(index, tuple(x.shape[1:]), self.seed, salt=2 * restart), x, self.radius_px)
+            delta = pgd_minimize(self._loss(target, index, restart, padding), x, radius=self.radius_px,
+                                 step_size=self.step_size_px, steps=self.hparams.steps, init=start)
             if self.hparams.restarts == 1:
                 return delta
             with torch.no_grad():
