@@ -27,7 +27,7 @@ and the classes stay separable (a nearest-class-centre rule is exact). Set ``eps
 higher (e.g. 16) to stay closer to the reference's unclipped noise.
 
 Determinism: centres and mixing matrices come from ``seed`` (a ``torch.Generator``), a
-sample's code from ``indexed_uniform(seed, index)``, so the file does not depend on
+sample's code from ``indexed_normal(index, seed)`` (sample_rng), so the file does not depend on
 batching or DDP rank.
 """
 
@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ue_lightning.attacks import budget_to_pixels, project_linf
 from ue_lightning.modules.generator_base import NoiseGenerator
-from ue_lightning.sample_rng import indexed_normal, indexed_uniform
+from ue_lightning.sample_rng import indexed_normal
 
 _MAX_MIXING_ENTRIES = 50_000_000  # K * d * d floats: refuse codes too large to mix
 
