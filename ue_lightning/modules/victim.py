@@ -78,8 +78,8 @@ class VictimClassifier(L.LightningModule):
         """PGD examples at ``adv_radius`` (random start), BatchNorm in ``attack_mode``."""
         was_training = self.model.training
         self.model.train(self.hparams.attack_mode == "train")
-        delta = pgd_maximize(cross_entropy_sum(self.model, y), x, radius=self.adv_radius_px, step_size=self.adv_step_size_px,
-                             steps=self.hparams.adv_steps, random_start=True)
+        delta = pgd_maximize(cross_entropy_sum(self.model, y), x, radius=self.adv_radius_px,
+                             step_size=self.adv_step_size_px, steps=self.hparams.adv_steps, random_start=True)
         self.model.train(was_training)
         return x + delta
 

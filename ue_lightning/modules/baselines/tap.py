@@ -191,7 +191,8 @@ class TargetedAdversarialPoison(NoiseGenerator):
         padding = self.hparams.padding if self.hparams.padding is not None else max(1, x.shape[-1] // 8)
         best, best_loss = None, None
         for restart in range(self.hparams.restarts):
-            start = box_start(indexed_uniform(index, tuple(x.shape[1:]), self.seed, salt=2 * restart), x, self.radius_px)
+            u = indexed_uniform(index, tuple(x.shape[1:]), self.seed, salt=2 * restart)
+            start = box_start(u, x, self.radius_px)
             delta = pgd_minimize(self._loss(target, index, restart, padding), x, radius=self.radius_px,
                                  step_size=self.step_size_px, steps=self.hparams.steps, init=start)
             if self.hparams.restarts == 1:
