@@ -14,6 +14,7 @@ from torchvision.transforms import v2
 
 from ue_lightning.data.datasets import DATASETS, CleanImages, load_dataset
 from ue_lightning.data.noise_file import NoiseFile, NoiseFileError, apply_delta
+from ue_lightning.defences import DEFENCES, Defence, DefenceName, build_defence
 
 
 def stratified_subset(labels: Tensor, size: int, seed: int) -> Tensor:
@@ -72,8 +73,13 @@ class ProtectedImages(Dataset):
         return self.transform(image), label, index
 
 
-def _augmentation(dataset: str, image_shape: tuple[int, int, int], crop: int, train: bool) -> v2.Transform:
-    """Per-dataset transform from the uint8 image to a float image in [0, 1]."""
+def _augmentation(dataset: str, image_shape: tuple[int, int, int], crop: int, train: bool,
+                  defence: Defence | None = None) -> v2.Transform:
+    """Per-dataset transform from the uint8 image to a float image in [0, 1].
+
+    A ``defence``'s ``squeeze`` steps come first (on the uint8 image), its ``augment``
+    steps last (on the float image); the batch-level ones are the train loader's.
+    """
     to_float = v2.ToDtype(torch.float32, scale=True)
     folder_like = dataset in ("imagenet_subset", "folder")
     if folder_like:
@@ -84,6 +90,8 @@ def _augmentation(dataset: str, image_shape: tuple[int, int, int], crop: int, tr
         steps = [v2.RandomCrop(image_shape[1], padding=image_shape[1] // 8)]
     else:
         steps = [v2.RandomCrop(image_shape[1], padding=image_shape[1] // 8), v2.RandomHorizontalFlip()]
+    if defence is not None:
+        return v2.Compose([*defence.squeeze, *steps, to_float, *defence.augment])
     return v2.Compose([*steps, to_float])
 
 
@@ -113,6 +121,11 @@ class UEDataModule(L.LightningDataModule):
         seed: seed of ``train_subset`` and of the ``protected_fraction`` choice.
         predict_split: split served by ``predict`` (``train`` to generate noise), clean,
             unaugmented and in order.
+        defence: what a data thief does to the train images after reading them (protected
+            or not), with its paper's parameters (``ue_lightning.defences``): ``jpeg10``,
+            ``jpeg50``, ``grayscale``, ``bitdepth``, ``cutout``, ``mixup``, ``cutmix``, ``iss``,
+            ``ueraser`` or ``none``. Never applied to test or predict data. ``mixup`` and
+            ``cutmix`` turn train labels into soft targets (B, num_classes).
     """
 
     def __init__(
@@ -132,6 +145,7 @@ class UEDataModule(L.LightningDataModule):
         crop: int = 224,
         seed: int = 0,
         predict_split: Literal["train", "test"] = "train",
+        defence: DefenceName = "none",
     ):
         super().__init__()
         if dataset not in DATASETS:
@@ -140,13 +154,15 @@ class UEDataModule(L.LightningDataModule):
             raise ValueError(f"protected_fraction={protected_fraction} must be in [0, 1]")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be positive")
+        if defence not in DEFENCES:
+            raise ValueError(f"unknown defence {defence!r}; choose one of {', '.join(DEFENCES)}")
         self.save_hyperparameters()
         self.dataset, self.root, self.download = dataset, root, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.train_subset, self.perturbation = num_workers, train_subset, perturbation
         self.protected_fraction, self.augment, self.seed = protected_fraction, augment, seed
         self.resize, self.crop, self.predict_split = resize, crop, predict_split
-        self.max_classes = max_classes
+        self.max_classes, self.defence = max_classes, defence
         self._clean: dict[str, CleanImages] = {}
 
     # ------------------------------------------------------------------ facts (for links)
@@ -205,9 +221,10 @@ class UEDataModule(L.LightningDataModule):
                         f"(e.g. index {int(uncovered.nonzero()[0][0])}): it was generated over another "
                         "train_subset; use the same data.train_subset and data.seed as for generation.")
         self.noise = noise
-        self.train_set = Subset(
-            ProtectedImages(train, _augmentation(self.dataset, shape, self.crop, self.augment), noise, mask),
-            self.train_indices().tolist())
+        self.train_defence = build_defence(self.defence, dataset=self.dataset, image_size=self.image_size,
+                                           num_classes=self.num_classes)
+        augmentation = _augmentation(self.dataset, shape, self.crop, self.augment, self.train_defence)
+        self.train_set = Subset(ProtectedImages(train, augmentation, noise, mask), self.train_indices().tolist())
         test = self.clean_split("test")
         self.test_set = ProtectedImages(test, _augmentation(self.dataset, shape, self.crop, train=False))
         plain = v2.ToDtype(torch.float32, scale=True)
@@ -216,12 +233,19 @@ class UEDataModule(L.LightningDataModule):
         else:
             self.predict_set = ProtectedImages(test, plain)
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate_fn=None) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                          collate_fn=collate_fn)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        """Shuffled train batches; under ``mixup``/``cutmix`` the labels are soft targets (B, num_classes)."""
+        mix = self.train_defence.batch
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if mix is not None and module is not None and not getattr(module, "accepts_soft_targets", False):
+            raise ValueError(f"data.defence {self.defence} mixes labels into soft targets, which "
+                             f"{type(module).__name__} does not train on; use it with VictimClassifier")
+        return self._loader(self.train_set, self.batch_size, shuffle=True, collate_fn=mix)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
@@ -234,4 +258,5 @@ class UEDataModule(L.LightningDataModule):
 
     def describe(self) -> str:
         p = f", protected by {Path(self.perturbation).name} ({self.protected_fraction:.0%})" if self.perturbation else ", clean"
-        return f"{self.dataset} ({len(self.train_indices())} train samples{p})"
+        d = f", defence {self.defence}" if self.defence != "none" else ""
+        return f"{self.dataset} ({len(self.train_indices())} train samples{p}{d})"

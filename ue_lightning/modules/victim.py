@@ -21,6 +21,10 @@ class VictimClassifier(L.LightningModule):
     the accuracy on the (possibly protected) train batches, and ``test/robust_acc`` the
     PGD accuracy at ``adv_radius`` when ``robust_eval`` is set.
 
+    Train labels may be class indices (B,) or soft targets (B, num_classes), as the DataModule's
+    ``mixup`` and ``cutmix`` defences make them: the loss is then the soft-target cross-entropy
+    and ``train/acc`` counts a prediction right when it is the class with the largest weight.
+
     Args:
         arch: ``vgg16``, ``resnet18``, ``resnet50``, ``densenet121`` or ``wrn34_10``.
         num_classes: number of classes (linked from the DataModule by the CLI).
@@ -39,6 +43,9 @@ class VictimClassifier(L.LightningModule):
         milestones: fractions of training at which ``step`` multiplies the rate by ``gamma``.
         gamma: the factor of each ``step`` decay.
     """
+
+    #: The DataModule may send soft targets (mixup, cutmix) to ``training_step``.
+    accepts_soft_targets = True
 
     def __init__(
         self,
@@ -88,8 +95,8 @@ class VictimClassifier(L.LightningModule):
         if self.adv_radius_px > 0:
             x = self.adversarial(x, y)
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        self.train_acc(logits.detach(), y)
+        loss = F.cross_entropy(logits, y)  # y: class indices (B,) or soft targets (B, K)
+        self.train_acc(logits.detach(), y.argmax(1) if y.ndim == 2 else y)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss

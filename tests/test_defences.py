@@ -1,0 +1,191 @@
+"""Defences a data thief would try: what each does to an image, that only train images get it, one victim step each."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from conftest import REPO
+from ue_lightning.data import UEDataModule
+from ue_lightning.defences import (DEFENCES, BatchMix, BitDepth, Cutout, Jpeg, PlasmaBrightness, PlasmaContrast,
+                                   build_defence, grayscale, plasma)
+from ue_lightning.lightning_cli import build_cli
+from ue_lightning.modules import VictimClassifier
+
+
+def smooth_image(size: int = 32) -> torch.Tensor:
+    """A uint8 (3, size, size) image with gradients and a little texture, like a natural one."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    image = torch.stack([xx, yy, (xx + yy) / 2]) * 200 + 20 + 20 * torch.sin(12 * xx)
+    return image.clamp(0, 255).to(torch.uint8)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two uint8 images."""
+    return 10 * math.log10(255 ** 2 / (a.float() - b.float()).pow(2).mean().item())
+
+
+def squeeze(name: str, image: torch.Tensor) -> torch.Tensor:
+    return v2.Compose(build_defence(name, dataset="cifar10", image_size=32, num_classes=10).squeeze)(image)
+
+
+def test_jpeg_is_lossy_but_close():
+    image = smooth_image()
+    low, high = squeeze("jpeg10", image), squeeze("jpeg50", image)
+    assert low.dtype == torch.uint8 and low.shape == image.shape
+    assert not torch.equal(low, image) and not torch.equal(high, image)
+    assert 25 < psnr(low, image) < psnr(high, image) < 50  # measured: 30.9 and 39.5 dB
+    assert torch.equal(squeeze("jpeg10", image), low)  # deterministic
+    grey = image[:1]
+    assert Jpeg(10)(grey).shape == grey.shape and 20 < psnr(Jpeg(10)(grey), grey) < 50
+
+
+def test_grayscale_gives_equal_channels_and_keeps_grey_images():
+    out = squeeze("grayscale", smooth_image())
+    assert out.shape == (3, 32, 32) and torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+    grey = smooth_image()[:1]
+    assert torch.equal(grayscale(grey), grey)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_bit_depth_keeps_at_most_two_to_the_bits_levels(bits):
+    image = torch.arange(256, dtype=torch.uint8).view(1, 16, 16)
+    out = BitDepth(bits)(image)
+    levels = out.unique()
+    assert len(levels) == 2 ** bits and levels[0] == 0 and levels[-1] == 255
+    assert (out.float() - image.float()).abs().max() <= 255 / (2 ** bits - 1) / 2 + 1  # rounding, not truncation
+    assert squeeze("bitdepth", smooth_image()).unique().numel() <= 16  # the preset: 4 bits
+
+
+def test_iss_is_grayscale_then_jpeg10():
+    image = smooth_image()
+    out = squeeze("iss", image)
+    assert torch.equal(out, Jpeg(10)(grayscale(image)))
+    assert (out.int()[0] - out.int()[1]).abs().max() <= 2  # grey in, (almost) grey out of the JPEG codec
+
+
+def test_cutout_zeroes_one_square_of_the_stated_size():
+    torch.manual_seed(0)
+    areas = set()
+    for _ in range(200):
+        out = Cutout(16)(torch.ones(3, 32, 32))
+        zero = out[0] == 0
+        assert torch.equal(zero, out[2] == 0)  # the same square on every channel
+        rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()
+        h, w = len(rows), len(cols)
+        assert 8 <= h <= 16 and 8 <= w <= 16 and zero.sum() == h * w  # a rectangle, clipped at the border
+        assert rows[-1] - rows[0] + 1 == h and cols[-1] - cols[0] + 1 == w
+        areas.add(h * w)
+    assert max(areas) == 256  # centred away from the border: the full 16x16 square
+    assert build_defence("cutout", dataset="cifar100", image_size=32, num_classes=100).augment[0].size == 8
+
+
+def _constant_batch(n: int = 8) -> list[tuple[torch.Tensor, int, int]]:
+    """Samples whose image i is the constant (i + 1) / 10 and whose label is i."""
+    return [(torch.full((3, 8, 8), (i + 1) / 10), i, 100 + i) for i in range(n)]
+
+
+def test_cutmix_label_weights_are_the_pasted_areas():
+    torch.manual_seed(0)
+    mix = build_defence("cutmix", dataset="cifar10", image_size=8, num_classes=10).batch
+    assert mix.p == 0.5
+    mix.p = 1.0
+    for _ in range(10):
+        x, soft, index = mix(_constant_batch())
+        assert soft.shape == (8, 10) and torch.allclose(soft.sum(1), torch.ones(8))
+        assert torch.equal(index, torch.arange(100, 108))
+        for i in range(8):
+            own = torch.isclose(x[i], torch.tensor((i + 1) / 10)).float().mean()
+            other = torch.isclose(x[i], torch.tensor(((i - 1) % 8 + 1) / 10)).float().mean()
+            assert soft[i, i] == pytest.approx(own.item(), abs=1e-6)
+            assert soft[i, (i - 1) % 8] == pytest.approx(other.item(), abs=1e-6)
+
+
+def test_mixup_label_weights_are_the_pixel_weights():
+    torch.manual_seed(0)
+    mix = build_defence("mixup", dataset="cifar10", image_size=8, num_classes=10).batch
+    x, soft, _ = mix(_constant_batch())
+    assert torch.allclose(soft.sum(1), torch.ones(8)) and (soft > 0).sum(1).le(2).all()
+    for i in range(8):  # pixel = w_i * (i + 1) / 10 + w_j * (j + 1) / 10, the weights those of the labels
+        expected = sum(soft[i, j] * (j + 1) / 10 for j in range(8))
+        assert torch.allclose(x[i], expected.expand_as(x[i]), atol=1e-6)
+
+
+def test_adversarial_training_takes_soft_targets():
+    torch.manual_seed(0)
+    model = VictimClassifier(arch="resnet18", num_classes=10, in_channels=3, image_size=8, width=4, adv_radius=4,
+                             adv_steps=2)
+    x, soft, _ = build_defence("mixup", dataset="cifar10", image_size=8, num_classes=10).batch(_constant_batch())
+    assert 0 < (model.adversarial(x, soft) - x).abs().max() <= 4 / 255 + 1e-6
+
+
+def test_unmixed_cutmix_batch_has_one_hot_targets():
+    x, soft, _ = BatchMix(v2.CutMix(alpha=1.0, num_classes=10), 10, p=0.0)(_constant_batch())
+    assert torch.equal(soft, torch.eye(10)[:8]) and torch.equal(x[3], torch.full((3, 8, 8), 0.4))
+
+
+def test_ueraser_plasma_maps_and_range():
+    torch.manual_seed(0)
+    maps = plasma((3, 32, 32), 0.5)
+    assert maps.shape == (3, 32, 32) and 0 <= maps.min() and maps.max() <= 1
+    assert not torch.equal(maps[0], maps[1])  # a map per channel
+    smooth, rough = plasma((1, 32, 32), 0.1), plasma((1, 32, 32), 0.9)
+    assert smooth.diff(dim=-1).abs().mean() < rough.diff(dim=-1).abs().mean()
+    image = torch.full((3, 32, 32), 0.5)
+    assert torch.equal(PlasmaContrast(p=1.0)(image), image)  # contrast about 0.5 leaves mid-grey alone
+    assert not torch.equal(PlasmaBrightness(p=1.0)(image), image)
+    out = v2.Compose(build_defence("ueraser", dataset="cifar10", image_size=32, num_classes=10).augment)(
+        torch.rand(3, 32, 32))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+
+
+def test_defence_reaches_train_images_only(fake_npz):
+    dm = UEDataModule("npz", root=str(fake_npz), batch_size=12, defence="grayscale")
+    dm.setup("fit")
+    x, _, _ = next(iter(dm.train_dataloader()))
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
+    for loader in (dm.test_dataloader(), dm.val_dataloader(), dm.predict_dataloader()):
+        x, y, _ = next(iter(loader))
+        assert not torch.equal(x[:, 0], x[:, 1]) and y.dtype == torch.int64
+    assert "defence grayscale" in dm.describe()
+    mixed = UEDataModule("npz", root=str(fake_npz), batch_size=12, defence="mixup")
+    mixed.setup("fit")
+    _, y, _ = next(iter(mixed.train_dataloader()))
+    assert y.shape == (12, 10) and y.is_floating_point()
+    assert next(iter(mixed.test_dataloader()))[1].shape == (12,)
+
+
+def test_label_mixing_needs_a_model_that_takes_soft_targets(fake_npz):
+    dm = UEDataModule("npz", root=str(fake_npz), defence="cutmix")
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(lightning_module=L.LightningModule())
+    with pytest.raises(ValueError, match="soft targets"):
+        dm.train_dataloader()
+    with pytest.raises(ValueError, match="choose one of"):
+        UEDataModule("npz", defence="jpeg")
+
+
+@pytest.mark.parametrize("defence", DEFENCES)
+def test_victim_trains_a_step_under_each_defence(fake_npz, defence):
+    torch.manual_seed(0)
+    dm = UEDataModule("npz", root=str(fake_npz), batch_size=8, defence=defence)
+    model = VictimClassifier(arch="resnet18", num_classes=10, in_channels=3, image_size=16, width=4, lr=0.01)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, dm)
+    assert trainer.global_step == 1 and math.isfinite(trainer.callback_metrics["train/loss"].item())
+
+
+def test_cli_takes_the_defence_by_name(capsys):
+    args = ["fit", "--config", str(REPO / "configs/victim/digits.yaml"), "--data.defence", "iss", "--print_config"]
+    with pytest.raises(SystemExit) as done:
+        build_cli(args)
+    assert done.value.code == 0 and "defence: iss" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        build_cli(args[:4] + ["jpeg", "--print_config"])
+    assert refused.value.code != 0 and "jpeg10" in capsys.readouterr().err
