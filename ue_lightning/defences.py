@@ -31,7 +31,7 @@ DefenceName = Literal["none", "jpeg10", "jpeg50", "grayscale", "bitdepth", "cuto
                       "ueraser"]
 #: Every ``data.defence`` value, in the order of the README's table.
 DEFENCES: tuple[str, ...] = get_args(DefenceName)
-#: Bit depth of ``bitdepth`` (Xu et al. 2018 squeeze CIFAR-10 to 4-5 bits; we take the stronger, 4).
+#: Bit depth of ``bitdepth``, ours: Xu et al. 2018 test 1-8 bits on CIFAR-10 and detect with 5; 4 squeezes harder.
 BIT_DEPTH = 4
 
 
@@ -226,7 +226,7 @@ def build_defence(name: str, *, dataset: str, image_size: int, num_classes: int)
         raise ValueError(f"unknown defence {name!r}; choose one of {', '.join(DEFENCES)}")
     if name in ("jpeg10", "jpeg50"):  # ISS (Liu et al. 2023) uses quality 10; 50 is a milder recompression
         return Defence(name, squeeze=[Jpeg(int(name[4:]))])
-    if name == "grayscale":  # ISS's answer to low-frequency (e.g. class-wise) noise
+    if name == "grayscale":  # ISS's answer to low-frequency noise (made on slightly trained surrogates)
         return Defence(name, squeeze=[grayscale])
     if name == "bitdepth":
         return Defence(name, squeeze=[BitDepth(BIT_DEPTH)])
