@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+from types import MethodType
+from unittest.mock import patch
+
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from ue_lightning.console import quiet_third_party
 from ue_lightning.data import UEDataModule
 
 
@@ -50,9 +60,42 @@ class UECLI(LightningCLI):
             rank_zero_warn(f"--ckpt_path {ckpt} brings its own model settings, and they are the ones used: "
                            + "; ".join(changed))
 
+    def parse_arguments(self, parser, args) -> None:
+        """Given ``args`` are the whole command line: ``sys.argv`` then belongs to the caller (``ue pipeline``'s
+        own, pytest's, a notebook kernel's), and Lightning would warn that both were given."""
+        with patch.object(sys, "argv", sys.argv[:1] if args is not None else sys.argv):
+            super().parse_arguments(parser, args)
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None:
             refuse_remote_checkpoint(self.config[self.subcommand].get("ckpt_path"))
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if not is_overridden("validation_step", self.model):
+            # The DataModule offers the clean test split as validation data; a model without a validation step
+            # (every generator) has no use for it, and Lightning would say so at every fit ("You passed in a
+            # `val_dataloader` but have no `validation_step`"). This DataModule then offers none.
+            self.datamodule.val_dataloader = MethodType(L.LightningDataModule.val_dataloader, self.datamodule)
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer; its default logger (``logger`` unset or true) writes TensorBoard and CSV, side by side."""
+        config = self._get(self.config_init, "trainer", default={})
+        if "logger" not in kwargs and config.get("logger") in (None, True):
+            kwargs["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
+        return super().instantiate_trainer(**kwargs)
+
+
+def default_loggers(root: str) -> list:
+    """CSV and TensorBoard loggers writing into one folder, ``<root>/lightning_logs/version_<n>``.
+
+    Lightning's default is TensorBoard alone; the CSV file (``metrics.csv``) is for scripts and for reading
+    without TensorBoard. The version is fixed once so that both loggers use the same folder (each would
+    otherwise pick the next free number itself, and the second would see the first's folder).
+    """
+    tensorboard = TensorBoardLogger(root, name="lightning_logs", version=SLURMEnvironment.job_id())
+    # CSV first: it creates the folder (it warns when it finds one with files in it); TensorBoard adds its own.
+    return [CSVLogger(root, name="lightning_logs", version=tensorboard.version), tensorboard]
 
 
 def refuse_remote_checkpoint(ckpt_path: str | None) -> None:
@@ -70,18 +113,24 @@ def refuse_remote_checkpoint(ckpt_path: str | None) -> None:
 
 def _import_modules() -> None:
     """Import every LightningModule so configs may name them by class name."""
-    import ue_lightning.modules  # noqa: F401
+    importlib.import_module("ue_lightning.modules")
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> UECLI:
     """The LightningCLI behind ``ue fit|validate|test|predict`` (``args`` as on the command line)."""
     _import_modules()
+    quiet_third_party()
     return UECLI(
         L.LightningModule,
         UEDataModule,
         subclass_mode_model=True,
         seed_everything_default=0,
-        trainer_defaults={"inference_mode": False},  # attacks need input gradients in test/predict
+        trainer_defaults={
+            "inference_mode": False,  # attacks need input gradients in test/predict
+            # Lightning's 50 is longer than an epoch of the package's small runs (the digits: 11-22 batches,
+            # 5000-image subsets: 20-40), which then log nothing within an epoch and warn at every fit.
+            "log_every_n_steps": 10,
+        },
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=args,

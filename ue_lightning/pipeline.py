@@ -17,11 +17,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-from unittest.mock import patch
 
 import yaml
 
 from ue_lightning.callbacks import PerturbationWriter
+from ue_lightning.console import TransientProgressBar, debugging
 from ue_lightning.lightning_cli import build_cli
 
 
@@ -39,23 +39,47 @@ def _uses_score_model(config: str) -> bool:
 
 def _cli(config: str, root: Path, *overrides: str):
     # The configs' callbacks write checkpoints and noise files to their own runs/ folders; the pipeline keeps
-    # its models in memory and writes everything it keeps below its workdir instead.
+    # its models in memory and writes everything it keeps below its workdir instead. Lightning's bars are
+    # shown on a terminal only, and cleared after each loop: the stage lines are the pipeline's record.
+    terminal = sys.stdout.isatty()
+    callbacks = [{"class_path": f"{TransientProgressBar.__module__}.TransientProgressBar"}] if terminal else []
     args = ["--config", _check_config(config), "--trainer.default_root_dir", str(root),
-            "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+            "--trainer.callbacks", json.dumps(callbacks), "--trainer.enable_checkpointing", "false",
             "--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger",
                                             "init_args": {"save_dir": str(root), "name": "logs"}}),
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *overrides]
-    with patch.object(sys, "argv", sys.argv[:1]):  # the stage's arguments are `args`, not `ue pipeline ...`
-        return build_cli(args, run=False)
+            "--trainer.enable_progress_bar", json.dumps(terminal), "--trainer.enable_model_summary", "false",
+            *overrides]
+    return build_cli(args, run=False)
+
+
+class _Stages:
+    """Announces each stage, numbered, and says how long it took."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    @contextmanager
+    def __call__(self, title: str) -> Iterator[None]:
+        self.done += 1
+        print(f"== [{self.done}/{self.total}] {title}", flush=True)
+        start = time.time()
+        yield
+        print(f"   ({time.time() - start:.0f} s)", flush=True)
 
 
 @contextmanager
-def _stage(title: str) -> Iterator[None]:
-    """Announce a stage and say how long it took."""
-    print(f"== {title}", flush=True)
-    start = time.time()
-    yield
-    print(f"   ({time.time() - start:.0f} s)", flush=True)
+def _lightning_info_off() -> Iterator[None]:
+    """Lightning's INFO lines (devices, seed, stop reasons) off while the stages run: they would repeat at
+    every stage, and the pipeline prints its own stage lines. Its warnings still show; UE_DEBUG=1 shows all."""
+    loggers = [] if debugging() else [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -92,26 +116,33 @@ def run_pipeline(
     adv_radii = adv_radii if adv_radii is not None else [0.0]
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    # The pipeline prints its own stage lines and table: Lightning's per-stage INFO lines (devices, seed,
-    # stop reasons) would repeat at every stage. Its warnings still show.
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     for config in [c for c in (score, victim, *generators.values()) if c]:
         _check_config(config)
+    with _lightning_info_off():
+        results = _run_stages(score, generators, victim, adv_radii, work)
+    print()
+    print(format_table(results))
+    print(format_verdicts(results))
+    return results
 
+
+def _run_stages(score: str | None, generators: dict[str, str], victim: str, adv_radii: list[float],
+                work: Path) -> dict[str, dict[str, dict[str, float]]]:
+    needs_score = bool(score) and any(_uses_score_model(c) for c in generators.values())
+    stage = _Stages(needs_score + len(generators) + (1 + len(generators)) * len(adv_radii))
     score_ckpt = None
-    if score and any(_uses_score_model(c) for c in generators.values()):
-        with _stage(f"score estimator ({score})"):
+    if needs_score:
+        with stage(f"score estimator ({score})"):
             cli = _cli(score, work / "score")
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
             score_ckpt = work / "score.ckpt"
-            cli.trainer.save_checkpoint(score_ckpt)
+            cli.trainer.save_checkpoint(score_ckpt, weights_only=True)  # what the generators read: weights
 
     noise_files: dict[str, Path] = {}
     for name, config in generators.items():
         extra = ["--model.init_args.score_checkpoint", str(score_ckpt)] if _uses_score_model(config) and score_ckpt else []
         output = work / "noise" / f"{name}.safetensors"
-        with _stage(f"generator {name} ({config})"):
+        with stage(f"generator {name} ({config})"):
             cli = _cli(config, work / "generator" / name, *extra)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
             cli.trainer.callbacks.append(PerturbationWriter(str(output)))
@@ -124,7 +155,7 @@ def run_pipeline(
             extra = ["--model.init_args.adv_radius", str(radius)]
             if noise is not None:
                 extra += ["--data.perturbation", str(noise)]
-            with _stage(f"victim on {data_name} data, rho_a = {radius:g}/255"):
+            with stage(f"victim on {data_name} data, rho_a = {radius:g}/255"):
                 cli = _cli(victim, work / "victim" / f"{data_name}-rho{radius:g}", *extra)
                 cli.trainer.fit(cli.model, datamodule=cli.datamodule)
                 train_acc = float(cli.trainer.callback_metrics["train/acc"])  # last epoch, on its (protected) data
@@ -132,20 +163,23 @@ def run_pipeline(
             cell = {"train_acc": train_acc, "test_acc": float(metrics["test/acc"])}
             results.setdefault(data_name, {})[f"rho_a={radius:g}"] = cell
             _write_json(work / "results.json", results)
-
-    print(format_table(results))
-    print(format_verdicts(results))
     return results
 
 
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Markdown table: rows = train data, columns = adversarial radius, cells = train / clean test accuracy (%)."""
+    """Markdown table: rows = train data, columns = adversarial radius, cells = train / clean test accuracy (%).
+
+    Columns are padded to a common width, so the table reads as well on a console as rendered.
+    """
     columns = list(next(iter(results.values())).keys())
-    lines = ["| train data | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    rows = [["train data", *columns]]
     for name, row in results.items():
-        cells = [f"{100 * row[c]['train_acc']:.1f} / {100 * row[c]['test_acc']:.1f}" for c in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "victims: train accuracy (last epoch, on the data they trained on) / clean test accuracy (%)\n" + "\n".join(lines)
+        rows.append([name, *(f"{100 * row[c]['train_acc']:4.1f} / {100 * row[c]['test_acc']:4.1f}" for c in columns)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    caption = "victims: train accuracy (last epoch, on the data they trained on) / clean test accuracy (%)"
+    return "\n".join([caption, *lines])
 
 
 def verdict(protected: float, clean: float) -> str:
@@ -160,13 +194,14 @@ def verdict(protected: float, clean: float) -> str:
 
 def format_verdicts(results: dict[str, dict[str, dict[str, float]]]) -> str:
     """A line per noise and radius: its victim's clean test accuracy against the clean victim's."""
-    lines = []
+    labels, lines = [], []
     for name, row in results.items():
         if name == "clean":
             continue
         for column, cell in row.items():
             clean = results["clean"][column]["test_acc"]
-            radius = "" if column == "rho_a=0" else f" ({column}/255)"
-            lines.append(f"{name}{radius}: {100 * cell['test_acc']:.1f}% vs {100 * clean:.1f}% on clean data "
+            labels.append(name + ("" if column == "rho_a=0" else f" ({column}/255)") + ":")
+            lines.append(f"{100 * cell['test_acc']:4.1f}% vs {100 * clean:.1f}% on clean data "
                          f"-> {verdict(cell['test_acc'], clean)}")
-    return "\n".join(lines)
+    width = max(map(len, labels), default=0)
+    return "\n".join(f"{label:<{width}} {line}" for label, line in zip(labels, lines))

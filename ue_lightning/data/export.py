@@ -14,12 +14,13 @@ from __future__ import annotations
 import pickle
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ue_lightning.console import progress
 from ue_lightning.data.cifar_batches import write_marker
 from ue_lightning.data.datasets import CleanImages, load_dataset
 from ue_lightning.data.noise_file import NoiseFile, apply_delta
@@ -61,7 +62,8 @@ def folder_names(class_names: list[str]) -> list[str]:
     return list(class_names)
 
 
-def _write_png_tree(out: Path, clean_train: CleanImages, clean_test: CleanImages, noise: NoiseFile) -> None:
+def _write_png_tree(out: Path, clean_train: CleanImages, clean_test: CleanImages, noise: NoiseFile,
+                    advance: Callable[[int], object]) -> None:
     names = folder_names(clean_train.class_names)
     for split in ("train", "val"):
         for name in names:
@@ -69,20 +71,27 @@ def _write_png_tree(out: Path, clean_train: CleanImages, clean_test: CleanImages
     for idx, images, labels in protected_images(clean_train, noise):
         for i, image, label in zip(idx.tolist(), images, labels.tolist()):
             _save_png(image, out / "train" / names[label] / f"{i:07d}.png")
+        advance(len(idx))
     for start in range(0, len(clean_test), 1024):
         idx = np.arange(start, min(start + 1024, len(clean_test)))
         for i, image, label in zip(idx.tolist(), clean_test.image_batch(idx), clean_test.targets[idx].tolist()):
             _save_png(image, out / "val" / names[label] / f"{i:07d}.png")
+        advance(len(idx))
 
 
 def _write_cifar_batches(out: Path, clean_train: CleanImages, clean_test: CleanImages, noise: NoiseFile,
-                         cifar100: bool) -> None:
+                         cifar100: bool, advance: Callable[[int], object]) -> None:
     if clean_train.image_shape != (3, 32, 32):
         raise ValueError(f"the CIFAR layout holds 3x32x32 images; this dataset has {clean_train.image_shape}: "
                          "use --format png")
-    train = torch.cat([images for _, images, _ in protected_images(clean_train, noise)])
+    chunks = []
+    for idx, images, _ in protected_images(clean_train, noise):
+        chunks.append(images)
+        advance(len(idx))
+    train = torch.cat(chunks)
     labels = clean_train.targets.tolist()
     test = clean_test.image_batch(np.arange(len(clean_test)))
+    advance(len(test))
 
     def dump(path: Path, images: torch.Tensor, targets: list[int], tag: str) -> None:
         key = "fine_labels" if cifar100 else "labels"  # str keys, as torchvision's latin1 load yields
@@ -138,14 +147,15 @@ def export_protected(
     noise_file.check_budget()
     if format == "png":
         folder_names(clean_train.class_names)  # before anything is written
+    if format not in ("png", "cifar"):
+        raise ValueError(f"format={format!r}: choose png or cifar")
     tmp = scratch_dir(out)
     try:
-        if format == "png":
-            _write_png_tree(tmp, clean_train, clean_test, noise_file)
-        elif format == "cifar":
-            _write_cifar_batches(tmp, clean_train, clean_test, noise_file, cifar100=dataset == "cifar100")
-        else:
-            raise ValueError(f"format={format!r}: choose png or cifar")
+        with progress(desc=f"export ({format})", total=len(clean_train) + len(clean_test), unit="image") as bar:
+            if format == "png":
+                _write_png_tree(tmp, clean_train, clean_test, noise_file, bar.update)
+            else:
+                _write_cifar_batches(tmp, clean_train, clean_test, noise_file, dataset == "cifar100", bar.update)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

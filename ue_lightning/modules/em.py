@@ -67,6 +67,7 @@ from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, pgd_minimi
 from ue_lightning.data.datamodule import stratified_subset
 from ue_lightning.models import batchnorm_statistics_frozen, build_classifier
 from ue_lightning.augment import random_crop_flip
+from ue_lightning.console import progress
 from ue_lightning.modules.generator_base import NoiseGenerator
 from ue_lightning.padding import first_unseen
 from ue_lightning.sample_rng import salt_of
@@ -416,7 +417,8 @@ class ErrorMinimizingNoise(NoiseGenerator):
                           pin_memory=torch.cuda.is_available())
 
     def _batches(self, which: Literal["all", "classwise_subset"]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        for x, y, index in self._pass_loader(which):
+        for x, y, index in progress(self._pass_loader(which), desc=f"EM noise pass {self.rounds + 1}",
+                                    trainer=self.trainer):
             yield x.to(self.device), y.to(self.device), index.to(self.device)
 
     def _gather(self, t: Tensor) -> Tensor:

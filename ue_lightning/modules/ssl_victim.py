@@ -23,7 +23,7 @@ accuracy on the data it was fitted on (high with shortcut noise).
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import lightning as L
 import torch
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchmetrics.classification import MulticlassAccuracy
 
+from ue_lightning.console import progress
 from ue_lightning.data.datamodule import ProtectedImages
 from ue_lightning.modules.simclr import SimCLRNet, nt_xent, simclr_views
 from ue_lightning.padding import first_occurrences
@@ -53,11 +54,12 @@ class LinearProbe(nn.Module):
 
 
 def fit_linear_probe(features: Tensor, labels: Tensor, num_classes: int, *, steps: int = 500,
-                     weight_decay: float = 1e-4) -> LinearProbe:
+                     weight_decay: float = 1e-4, on_evaluation: Callable[[], object] | None = None) -> LinearProbe:
     """Fit :class:`LinearProbe` on (N, D) features by full-batch L-BFGS (at most ``steps`` iterations).
 
     Minimises mean cross-entropy + ``weight_decay / 2 * ||W||^2`` (a convex problem: the
-    result does not depend on a seed).
+    result does not depend on a seed). ``on_evaluation`` is called at each evaluation of the
+    loss (at most ``probe_evaluations(steps)``), e.g. to advance a progress bar.
     """
     with torch.inference_mode(False), torch.enable_grad():
         features, labels = features.detach().clone().float(), labels.detach().clone()
@@ -66,6 +68,8 @@ def fit_linear_probe(features: Tensor, labels: Tensor, num_classes: int, *, step
                                       line_search_fn="strong_wolfe")
 
         def closure() -> Tensor:
+            if on_evaluation is not None:
+                on_evaluation()
             optimizer.zero_grad()
             loss = F.cross_entropy(probe(features), labels) + weight_decay / 2 * probe.linear.weight.pow(2).sum()
             loss.backward()
@@ -73,6 +77,11 @@ def fit_linear_probe(features: Tensor, labels: Tensor, num_classes: int, *, step
 
         optimizer.step(closure)
     return probe.requires_grad_(False)
+
+
+def probe_evaluations(steps: int) -> int:
+    """The most loss evaluations L-BFGS makes in ``steps`` iterations (torch's ``max_eval`` default)."""
+    return steps * 5 // 4
 
 
 def probe_train_set(datamodule: L.LightningDataModule, protected: bool) -> Dataset:
@@ -178,7 +187,7 @@ class SimCLRVictim(L.LightningModule):
         was_training = self.net.training
         self.net.eval()
         feats, labels, index = [], [], []
-        for x, y, i in loader:
+        for x, y, i in progress(loader, desc="probe: features", trainer=trainer):
             feats.append(self.net.features(x.to(self.device)))
             labels.append(y.to(self.device))
             index.append(i.to(self.device))
@@ -194,8 +203,11 @@ class SimCLRVictim(L.LightningModule):
         with torch.inference_mode(False):
             dataset = probe_train_set(self.trainer.datamodule, protected=self.probe_data == "protected")
             feats, labels = self.extract_features(dataset)
-            self._fitted["probe"] = fit_linear_probe(feats, labels, self.hparams.num_classes, steps=self.probe_steps,
-                                                     weight_decay=self.probe_weight_decay)
+            with progress(desc="probe: L-BFGS", total=probe_evaluations(self.probe_steps), unit="evaluation",
+                          trainer=self.trainer) as bar:
+                self._fitted["probe"] = fit_linear_probe(feats, labels, self.hparams.num_classes,
+                                                         steps=self.probe_steps, weight_decay=self.probe_weight_decay,
+                                                         on_evaluation=bar.update)
             self._probe_train_acc = float((self.probe(feats).argmax(1) == labels).float().mean())
 
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:

@@ -27,6 +27,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ue_lightning.attacks import budget_to_pixels, pgd_minimize, project_linf
+from ue_lightning.console import progress
 from ue_lightning.data.datamodule import ProtectedImages
 from ue_lightning.modules.generator_base import NoiseGenerator
 from ue_lightning.modules.simclr import SimCLRNet, classwise_separability, nt_xent, simclr_views
@@ -229,7 +230,8 @@ class TransferableNoise(NoiseGenerator):
         was_training = self.net.training
         self.net.eval()
         csd_sum, batches = 0.0, 0
-        for x, y, index in self._noise_loader():
+        for x, y, index in progress(self._noise_loader(), desc=f"TUE noise pass {self.noise_passes + 1}",
+                                    trainer=self.trainer):
             x, y = x.to(self.device), y.to(self.device)
             delta = pgd_minimize(self.noise_objective(x, y), x, radius=self.radius_px, step_size=self.step_size_px,
                                  steps=h.steps, init=self._noise_for(index).to(x))
