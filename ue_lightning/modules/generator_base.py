@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import lightning as L
 import torch
@@ -100,7 +100,7 @@ class StoredNoiseGenerator(NoiseGenerator):
     checkpoint_key: str = "stored_noise"
     no_noise_message: str = "this checkpoint holds no noise of this generator: pass the checkpoint of its fit"
 
-    def __init__(self, epsilon: float = 8.0, seed: int = 0, noise_dtype: str = "float32",
+    def __init__(self, epsilon: float = 8.0, seed: int = 0, noise_dtype: Literal["float32", "float16"] = "float32",
                  noise_store: StoreKind = "auto", noise_store_dir: str | None = None):
         super().__init__(epsilon=epsilon, seed=seed)
         if noise_dtype not in NOISE_DTYPES:
