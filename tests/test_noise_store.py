@@ -106,3 +106,4 @@ def test_a_tue_checkpoint_without_coverage_or_fingerprint_still_loads():
     assert torch.equal(module.noise, noise.half())
     with pytest.raises(ValueError, match="no TUE noise"):
         module.on_load_checkpoint({"error_minimizing_noise": {"noise": noise}})
+    assert TransferableNoise(state_dtype="float16").noise_dtype == torch.float16  # their former setting name

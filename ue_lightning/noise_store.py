@@ -42,7 +42,7 @@ from ue_lightning.scratch import scratch_dir, scratch_file
 
 StoreKind = Literal["auto", "memory", "file"]
 AUTO_FILE_BYTES = 1 << 30  # ``auto`` keeps noise under 1 GiB in memory (CIFAR-10 float32: 614 MB)
-CHUNK_BYTES = 64 << 20  # rows copied or summed at a time by load_ and checksum
+CHUNK_BYTES = 8 << 20  # rows copied or summed at a time (load_, checksum: about 6 such blocks of temporaries)
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
 
 

@@ -73,6 +73,8 @@ class TransferableNoise(StoredNoiseGenerator):
         noise_dtype, noise_store, noise_store_dir: how the noise state is stored, see
             :class:`~ue_lightning.modules.generator_base.StoredNoiseGenerator`.
         seed: seeds the random start and the noise-pass shuffling.
+        state_dtype: the former name of ``noise_dtype``, which it replaces when given: only so
+            that checkpoints written under that name (their settings come with them) load.
     """
 
     method = "tue"
@@ -108,8 +110,9 @@ class TransferableNoise(StoredNoiseGenerator):
         noise_store: StoreKind = "auto",
         noise_store_dir: str | None = None,
         seed: int = 0,
+        state_dtype: Literal["float32", "float16"] | None = None,
     ):
-        super().__init__(epsilon=epsilon, seed=seed, noise_dtype=noise_dtype, noise_store=noise_store,
+        super().__init__(epsilon=epsilon, seed=seed, noise_dtype=state_dtype or noise_dtype, noise_store=noise_store,
                          noise_store_dir=noise_store_dir)
         self.save_hyperparameters()
         if ssl_weight < 0 or csd_weight < 0 or ssl_weight + csd_weight == 0:
