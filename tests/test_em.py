@@ -337,11 +337,12 @@ def test_first_unseen_keeps_each_index_once_per_pass():
 
 
 # ---------------------------------------------------------------------------------- DDP
-def _config(tmp: Path, mode: str, name: str, noise_batch_size: int) -> Path:
+def _config(tmp: Path, mode: str, name: str, noise_batch_size: int, noise_store: str = "memory") -> Path:
     """The repo's digits config, shrunk: width 4, 201 samples, a fixed surrogate (train_steps 0), 2 rounds."""
     config = yaml.safe_load((REPO / f"configs/generator/em-{mode}-digits.yaml").read_text())
     config["model"]["init_args"].update(width=4, train_steps=0, max_rounds=2, steps=3,
-                                        noise_batch_size=noise_batch_size, classwise_subset=1.0)
+                                        noise_batch_size=noise_batch_size, classwise_subset=1.0,
+                                        noise_store=noise_store)
     config["data"]["train_subset"] = 201  # odd: DistributedSampler pads, the pass must drop the duplicate
     config["trainer"].update(default_root_dir=str(tmp / name), enable_progress_bar=False)
     checkpoint, writer = config["trainer"]["callbacks"]
@@ -375,9 +376,10 @@ def test_ddp_samplewise_noise_and_file_equal_one_process(tmp_path):
     batch of 32, and the padded duplicate (201 samples) is dropped by ``first_unseen``.
     Two rounds check the warm start from gathered noise. The noise file is then written
     by a 2-process ``ue predict`` and by a 1-process one, and must match byte for byte.
+    The 2-process runs keep the noise in one memory-mapped file that both ranks share.
     """
     one = _fit_in_process(_config(tmp_path, "samplewise", "one", 32))
-    two_cfg = _config(tmp_path, "samplewise", "two", 16)
+    two_cfg = _config(tmp_path, "samplewise", "two", 16, noise_store="file")
     run_ue("fit", "--config", str(two_cfg), *DDP, env=ONE_THREAD)
     two = torch.load(tmp_path / "two/ckpt/last.ckpt", weights_only=False)[CHECKPOINT_KEY]
     assert one.rounds == two["rounds"] == 2 and one.pass_accuracy == two["pass_accuracy"]

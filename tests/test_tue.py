@@ -213,7 +213,8 @@ def test_cli_fit_then_predict_writes_a_valid_noise_file(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_noise_pass_updates_every_shard_on_every_rank(tmp_path):
-    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           "--model.init_args.noise_store", "file"]  # one memory-mapped copy that both ranks share
     run_ue("fit", *CLI, "--trainer.max_epochs", "2", *ddp, cwd=tmp_path, env=ONE_THREAD)
     state = torch.load(_checkpoint(tmp_path), map_location="cpu", weights_only=False)["transferable_noise"]
     gen = _tiny_generator()

@@ -26,11 +26,10 @@ The stop rule (``stop_on``):
   sets, while the same surrogate in train mode is still at 20-50% on the noise and the
   noise is not learned by a fresh network (benchmarks/RESULTS.md, EM diagnosis).
 
-The noise is module state, kept on the CPU (host memory, not the accelerator) and
-saved in the checkpoint, so an interrupted generation resumes and ``ue predict
---ckpt_path`` writes the noise file (see :class:`~ue_lightning.callbacks.PerturbationWriter`).
-It is deliberately *not* a registered buffer: DDP would broadcast a 600 MB buffer from
-rank 0 at every step; ranks instead stay identical by gathering every noise update.
+The noise is state of a :class:`~ue_lightning.modules.generator_base.StoredNoiseGenerator`,
+on the CPU (in memory or a node-shared memory-mapped file) and saved in the checkpoint, so
+an interrupted generation resumes and ``ue predict --ckpt_path`` writes the noise file (see
+:class:`~ue_lightning.callbacks.PerturbationWriter`).
 
 Departures from the reference code (HanxunH/Unlearnable-Examples), on purpose:
 
@@ -53,14 +52,13 @@ from __future__ import annotations
 import itertools
 import math
 from contextlib import contextmanager
-from dataclasses import asdict
 from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.v2 import functional as TF
 
 from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, pgd_minimize, project_linf
@@ -68,15 +66,15 @@ from ue_lightning.data.datamodule import stratified_subset
 from ue_lightning.models import batchnorm_statistics_frozen, build_classifier
 from ue_lightning.augment import random_crop_flip
 from ue_lightning.console import progress
-from ue_lightning.modules.generator_base import NoiseGenerator
+from ue_lightning.modules.generator_base import StoredNoiseGenerator
+from ue_lightning.noise_store import StoreKind
 from ue_lightning.padding import first_unseen
 from ue_lightning.sample_rng import salt_of
 
 CHECKPOINT_KEY = "error_minimizing_noise"
-NOISE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-class ErrorMinimizingNoise(NoiseGenerator):
+class ErrorMinimizingNoise(StoredNoiseGenerator):
     """Error-minimising (min-min) noise, sample-wise or class-wise (Huang et al., ICLR 2021).
 
     Args:
@@ -116,10 +114,13 @@ class ErrorMinimizingNoise(NoiseGenerator):
             ``eval_batch_size``).
         classwise_subset: share of the train set (stratified, seeded) used by the
             class-wise noise pass and its stop check.
-        noise_dtype: storage of the noise state in pixel units: ``float32`` (exact;
-            CIFAR-10 sample-wise 614 MB of host memory) or ``float16`` (half; spacing
-            about 0.004/255 near 8/255, far below the 1/255 rounding of the file).
+        noise_dtype, noise_store, noise_store_dir: how the noise state is stored, see
+            :class:`~ue_lightning.modules.generator_base.StoredNoiseGenerator`.
     """
+
+    checkpoint_key = CHECKPOINT_KEY
+    no_noise_message = ("this checkpoint holds no error-minimising noise: pass the checkpoint of an "
+                        "ErrorMinimizingNoise fit (`ue fit --config configs/generator/em-*.yaml`)")
 
     def __init__(
         self,
@@ -149,16 +150,17 @@ class ErrorMinimizingNoise(NoiseGenerator):
         noise_batch_size: int | None = None,
         classwise_subset: float = 0.2,
         noise_dtype: Literal["float32", "float16"] = "float32",
+        noise_store: StoreKind = "auto",
+        noise_store_dir: str | None = None,
     ):
-        super().__init__(epsilon=epsilon, seed=seed)
+        super().__init__(epsilon=epsilon, seed=seed, noise_dtype=noise_dtype, noise_store=noise_store,
+                         noise_store_dir=noise_store_dir)
         if mode not in ("samplewise", "classwise"):
             raise ValueError(f"mode={mode!r}: choose samplewise or classwise")
         if stop_on not in ("surrogate", "noise_pass"):
             raise ValueError(f"stop_on={stop_on!r}: choose surrogate or noise_pass")
         if pass_mode not in ("eval", "train"):
             raise ValueError(f"pass_mode={pass_mode!r}: choose eval or train")
-        if noise_dtype not in NOISE_DTYPES:
-            raise ValueError(f"noise_dtype={noise_dtype!r}: choose one of {', '.join(NOISE_DTYPES)}")
         steps = (20 if mode == "samplewise" else 1) if steps is None else steps
         if steps < 1 or train_steps < 0:
             raise ValueError(f"steps={steps} must be >= 1 and train_steps={train_steps} >= 0")
@@ -178,73 +180,32 @@ class ErrorMinimizingNoise(NoiseGenerator):
             torch.manual_seed(seed)
             self.model = build_classifier(arch, num_classes, in_channels=in_channels, image_size=image_size,
                                           width=width)
-        self.noise: Tensor | None = None  # (N or K, C, H, W) pixel units, CPU, created in setup()
-        self.covered: Tensor | None = None  # bool (N,): samples a sample-wise noise pass has updated
         self.surrogate_steps = 0
         self.rounds = 0  # noise passes done
         self.surrogate_accuracy = float("nan")  # train-mode accuracy on the last round's perturbed batches
         self.pass_accuracy = float("nan")  # frozen surrogate's accuracy at the noise of the last pass
         self.stopped = False  # the stop rule or the round cap has ended generation
         self._round_hits = torch.zeros(2, dtype=torch.long)  # (correct, seen) of this round's SGD steps, this rank
-        self._fingerprint: dict[str, Any] | None = None  # of the data the noise belongs to
         self._pass_dataset: Dataset | None = None  # the clean, unaugmented train set of the noise passes
 
     # ------------------------------------------------------------------ state
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        if dm is None or not hasattr(dm, "clean_split"):
-            raise RuntimeError("ErrorMinimizingNoise needs a UEDataModule (run it through `ue` or pass datamodule=)")
-        if stage == "fit" and getattr(dm, "augment", False):
+        if stage == "fit" and getattr(self.trainer.datamodule, "augment", False):
             raise ValueError("EM noise is optimised on unaugmented images (Huang et al.): set `data.augment: false`")
-        clean = dm.clean_split("train")
-        rows = clean.num_classes if self.classwise else dm.num_train_samples
-        shape = (rows, *clean.image_shape)
-        fingerprint = asdict(clean.fingerprint())
-        if self._fingerprint is not None:  # the noise was restored before setup (load_from_checkpoint)
-            self._check_same_data(self._fingerprint, fingerprint)
-        self._fingerprint = fingerprint
-        if self.noise is None:  # zero start, as the reference (no random start)
-            self.noise = torch.zeros(shape, dtype=NOISE_DTYPES[self.hparams.noise_dtype])
-            self.covered = torch.zeros(dm.num_train_samples, dtype=torch.bool)
-        elif tuple(self.noise.shape) != shape:
-            raise ValueError(f"the restored noise has shape {tuple(self.noise.shape)} but this data needs {shape}: "
-                             "use the data settings the generator was fitted with")
+        super().setup(stage)
         self._pass_dataset = None
 
-    @staticmethod
-    def _check_same_data(saved: dict[str, Any], current: dict[str, Any]) -> None:
-        norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-        diffs = sorted(k for k in saved if k in current and norm(saved[k]) != norm(current[k]))
-        if diffs:
-            raise ValueError(f"this EM checkpoint was fitted on other data ({saved.get('dataset')}/"
-                             f"{saved.get('split')}; differs in {', '.join(diffs)}): use the dataset, "
-                             "root and image size it was fitted with, or fit a new generator")
+    def noise_rows(self) -> int:
+        return self.trainer.datamodule.clean_split("train").num_classes if self.classwise else super().noise_rows()
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
-            "mode": self.hparams.mode,
-            "noise": self.noise,
-            "covered": self.covered,
-            "surrogate_steps": self.surrogate_steps,
-            "rounds": self.rounds,
-            "surrogate_accuracy": self.surrogate_accuracy,
-            "pass_accuracy": self.pass_accuracy,
-            "fingerprint": self._fingerprint,
-        }
+    def _extra_state(self) -> dict[str, Any]:
+        return {"mode": self.hparams.mode, "surrogate_steps": self.surrogate_steps, "rounds": self.rounds,
+                "surrogate_accuracy": self.surrogate_accuracy, "pass_accuracy": self.pass_accuracy}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get(CHECKPOINT_KEY)
-        if state is None:
-            raise ValueError("this checkpoint holds no error-minimising noise: pass the checkpoint of an "
-                             "ErrorMinimizingNoise fit (`ue fit --config configs/generator/em-*.yaml`)")
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
         if state["mode"] != self.hparams.mode:
             raise ValueError(f"the checkpoint holds {state['mode']} noise but model.mode is {self.hparams.mode}: "
                              f"set `model.init_args.mode: {state['mode']}`")
-        if self._fingerprint is not None and state["fingerprint"] is not None:
-            self._check_same_data(state["fingerprint"], self._fingerprint)
-        self._fingerprint = state["fingerprint"]
-        self.noise = state["noise"].to(device="cpu", dtype=NOISE_DTYPES[self.hparams.noise_dtype])
-        self.covered = state["covered"].cpu()
         self.surrogate_steps = int(state["surrogate_steps"])
         self.rounds = int(state["rounds"])
         self.surrogate_accuracy = float(state.get("surrogate_accuracy", float("nan")))
@@ -281,12 +242,7 @@ class ErrorMinimizingNoise(NoiseGenerator):
         if self.rounds == 0:
             raise RuntimeError("this generator has no noise yet (0 rounds): pass the fitted generator with "
                                "`ue predict ... --ckpt_path <generator checkpoint>`")
-        dm = self.trainer.datamodule
-        if not self.classwise and not self.covered[dm.train_indices()].all():
-            missing = int((~self.covered[dm.train_indices()]).sum())
-            raise ValueError(f"{missing} of the {len(dm.train_indices())} samples to predict were not in the train "
-                             f"set the generator was fitted on ({int(self.covered.sum())} samples): use the same "
-                             "data.train_subset and data.seed as for `ue fit`")
+        self._check_covers(self.trainer.datamodule.train_indices())
 
     # ------------------------------------------------------------------ the rounds
     def _stop_reason(self) -> str | None:
@@ -347,7 +303,7 @@ class ErrorMinimizingNoise(NoiseGenerator):
                 self.pass_accuracy = self._classwise_accuracy()
             else:
                 self.pass_accuracy = self._samplewise_pass()
-        self._check_ranks_agree()
+        self._check_ranks_agree(f"after round {self.rounds + 1}")
         self.rounds += 1
         metrics = {"em/round": float(self.rounds), "em/surrogate_acc": self.surrogate_accuracy,
                    "em/pass_acc": self.pass_accuracy}
@@ -376,17 +332,6 @@ class ErrorMinimizingNoise(NoiseGenerator):
         finally:
             self.model.train(was_training)
 
-    def _check_ranks_agree(self) -> None:
-        """Under DDP, every rank must hold the same noise after a pass (cheap checksum)."""
-        if self.trainer.world_size == 1:
-            return
-        noise = self.noise.double()
-        checksum = torch.stack([noise.sum(), noise.abs().sum(), (noise * noise).sum()]).to(self.device)
-        sums = self.all_gather(checksum)
-        if not torch.equal(sums.min(0).values, sums.max(0).values):
-            raise RuntimeError(f"EM noise differs across DDP ranks after round {self.rounds + 1} "
-                               f"(checksums {sums.tolist()}); this is a bug, please report it")
-
     # ------------------------------------------------------------------ noise passes
     def _pass_loader(self, which: Literal["all", "classwise_subset"]) -> DataLoader:
         """Unaugmented loader over the train set (in order) or the class-wise subset, sharded over ranks.
@@ -408,24 +353,12 @@ class ErrorMinimizingNoise(NoiseGenerator):
             subset = stratified_subset(labels, size, self.seed)
             order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.rounds))
             dataset = Subset(dataset, subset[order].tolist())
-        sampler = None
-        if self.trainer.world_size > 1:
-            sampler = DistributedSampler(dataset, num_replicas=self.trainer.world_size,
-                                         rank=self.trainer.global_rank, shuffle=False)
-        batch_size = self.hparams.noise_batch_size or dm.eval_batch_size
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=dm.num_workers,
-                          pin_memory=torch.cuda.is_available())
+        return self._sharded_loader(dataset, self.hparams.noise_batch_size or dm.eval_batch_size)
 
     def _batches(self, which: Literal["all", "classwise_subset"]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         for x, y, index in progress(self._pass_loader(which), desc=f"EM noise pass {self.rounds + 1}",
                                     trainer=self.trainer):
             yield x.to(self.device), y.to(self.device), index.to(self.device)
-
-    def _gather(self, t: Tensor) -> Tensor:
-        """Concatenate a per-rank batch tensor over ranks (rank order), on the CPU."""
-        if self.trainer.world_size == 1:
-            return t.cpu()
-        return self.all_gather(t).flatten(0, 1).cpu()
 
     def _minimize(self, x: Tensor, y: Tensor, index: Tensor, init: Tensor) -> Tensor:
         """PGD descent from ``init``; with ``eot_samples``, on the loss summed over per-sample crop/flips.
@@ -454,10 +387,7 @@ class ErrorMinimizingNoise(NoiseGenerator):
             delta = self._minimize(x, y, index, self.stored_delta(x, y, index))
             with torch.no_grad():
                 hit = (self.model(x + delta).argmax(1) == y).to(torch.uint8)
-            index, delta, hit = self._gather(index), self._gather(delta), self._gather(hit)
-            keep = first_unseen(index, seen)
-            self.noise[index[keep]] = delta[keep].to(self.noise.dtype)
-            self.covered[index[keep]] = True
+            _, keep, hit = self._store_batch(index, delta, seen, (hit,))
             correct += int(hit[keep].sum())
             total += int(keep.sum())
         return correct / max(total, 1)

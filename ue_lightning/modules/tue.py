@@ -22,29 +22,25 @@ from typing import Any, Literal, Sequence
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ue_lightning.attacks import budget_to_pixels, pgd_minimize, project_linf
 from ue_lightning.console import progress
 from ue_lightning.data.datamodule import ProtectedImages
-from ue_lightning.modules.generator_base import NoiseGenerator
+from ue_lightning.modules.generator_base import StoredNoiseGenerator
 from ue_lightning.modules.simclr import SimCLRNet, classwise_separability, nt_xent, simclr_views
-from ue_lightning.padding import first_occurrences
-
-_STATE_KEY = "transferable_noise"
+from ue_lightning.noise_store import CHUNK_BYTES, StoreKind
 
 
-class TransferableNoise(NoiseGenerator):
+class TransferableNoise(StoredNoiseGenerator):
     """TUE noise generator (sample-wise), method ``tue``.
 
     The noise state (N, C, H, W) in pixel units covers the whole train split at its
-    stored size; it lives on the CPU as a plain tensor (not a registered buffer: DDP
-    would broadcast a buffer of the whole train set at every step), is identical on
-    every rank, and is saved in and restored from the checkpoint (key
-    ``transferable_noise``), so ``ue fit --ckpt_path`` resumes it and ``ue predict
-    --ckpt_path`` writes it.
+    stored size (see :class:`~ue_lightning.modules.generator_base.StoredNoiseGenerator`:
+    the store, the checkpoint key ``transferable_noise``, the data fingerprint), so
+    ``ue fit --ckpt_path`` resumes it and ``ue predict --ckpt_path`` writes it.
 
     Args:
         arch: surrogate encoder (CIFAR ResNet-18 in the paper); its projection head is
@@ -75,12 +71,17 @@ class TransferableNoise(NoiseGenerator):
             so its SimCLR updates are skipped (the optimiser still steps, a no-op, so the
             step count and ``max_steps`` behave); set False to spend that compute as the
             reference does.
-        state_dtype: storage of the noise state; ``float16`` halves its memory (N x C x H x W
-            per rank) at a rounding of about 1e-5 in pixel units, far below the 1/255 of the file.
+        noise_dtype, noise_store, noise_store_dir: how the noise state is stored, see
+            :class:`~ue_lightning.modules.generator_base.StoredNoiseGenerator`.
         seed: seeds the random start and the noise-pass shuffling.
+        state_dtype: the former name of ``noise_dtype``, which it replaces when given: only so
+            that checkpoints written under that name (their settings come with them) load.
     """
 
     method = "tue"
+    checkpoint_key = "transferable_noise"
+    no_noise_message = ("this checkpoint holds no TUE noise state: pass a checkpoint written by "
+                        "`ue fit` with ue_lightning.modules.TransferableNoise")
 
     def __init__(
         self,
@@ -106,39 +107,47 @@ class TransferableNoise(NoiseGenerator):
         crop_scale: Sequence[float] = (0.08, 1.0),
         flip_p: float = 0.5,
         skip_idle_surrogate: bool = True,
-        state_dtype: Literal["float32", "float16"] = "float32",
+        noise_dtype: Literal["float32", "float16"] = "float32",
+        noise_store: StoreKind = "auto",
+        noise_store_dir: str | None = None,
         seed: int = 0,
+        state_dtype: Literal["float32", "float16"] | None = None,
     ):
-        super().__init__(epsilon=epsilon, seed=seed)
+        super().__init__(epsilon=epsilon, seed=seed, noise_dtype=state_dtype or noise_dtype, noise_store=noise_store,
+                         noise_store_dir=noise_store_dir)
         self.save_hyperparameters()
         if ssl_weight < 0 or csd_weight < 0 or ssl_weight + csd_weight == 0:
             raise ValueError(f"ssl_weight={ssl_weight}, csd_weight={csd_weight}: both must be >= 0 and one > 0 "
                              "(public demo: ssl_weight 0, csd_weight 0.1)")
         if steps < 1 or train_steps < 1 or eot_size < 1:
             raise ValueError(f"steps={steps}, train_steps={train_steps}, eot_size={eot_size} must be positive")
-        if state_dtype not in ("float32", "float16"):
-            raise ValueError(f"state_dtype={state_dtype!r}: choose float32 or float16")
         self.step_size_px = budget_to_pixels(step_size, "step_size", allow_zero=False)
-        self._state_dtype = getattr(torch, state_dtype)
         self.automatic_optimization = False
         self.net = SimCLRNet(arch, in_channels, image_size, width, proj_dim)
-        self.noise: Tensor | None = None  # (N, C, H, W) pixel units, on the CPU, in state_dtype
         self.noise_passes = 0
         self._last_pass_step = -1
         self._noise_set: Dataset | None = None
 
     # ------------------------------------------------------------------ state
-    def _initial_noise(self, shape: tuple[int, ...]) -> Tensor:
+    def _fill_initial(self, noise: Tensor) -> None:
+        """The random start, uniform in [-epsilon, epsilon] (the same on every rank), in blocks of rows."""
         if not self.hparams.random_start:
-            return torch.zeros(shape, dtype=self._state_dtype)
-        g = torch.Generator().manual_seed(self.seed)  # the same on every rank
-        return ((2 * torch.rand(shape, generator=g) - 1) * self.radius_px).to(self._state_dtype)
+            return
+        g = torch.Generator().manual_seed(self.seed)
+        step = max(1, CHUNK_BYTES // (noise[:1].numel() * 4))
+        for start in range(0, len(noise), step):  # the draws of one torch.rand over the whole shape, in order
+            block = torch.rand((len(noise[start:start + step]), *noise.shape[1:]), generator=g)
+            noise[start:start + step] = ((2 * block - 1) * self.radius_px).to(noise.dtype)
+
+    def _initial_noise(self, shape: tuple[int, ...]) -> Tensor:
+        noise = torch.zeros(shape, dtype=self.noise_dtype)
+        self._fill_initial(noise)
+        return noise
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "stored_image_shape"):
             raise TypeError("TransferableNoise needs the UEDataModule (it reads the train split's size and shape)")
-        shape = (dm.num_train_samples, *dm.stored_image_shape)
         if stage == "fit":
             if dm.augment:
                 raise ValueError("TransferableNoise optimises noise on the clean, unaugmented train set: "
@@ -147,20 +156,17 @@ class TransferableNoise(NoiseGenerator):
                 raise ValueError("TransferableNoise generates noise for clean data: unset `data.perturbation`")
             self._noise_set = Subset(ProtectedImages(dm.clean_split("train"), v2.ToDtype(torch.float32, scale=True)),
                                      dm.train_indices().tolist())
-            if self.noise is None or tuple(self.noise.shape) != shape:
-                self.noise = self._initial_noise(shape)  # a resumed checkpoint replaces it after setup
-                self.noise_passes = 0
+        super().setup(stage)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[_STATE_KEY] = {"noise": self.noise, "noise_passes": self.noise_passes}
+    def _extra_state(self) -> dict[str, Any]:
+        return {"noise_passes": self.noise_passes}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get(_STATE_KEY)
-        if state is None or state["noise"] is None:
-            raise KeyError("this checkpoint holds no TUE noise state: pass a checkpoint written by "
-                           "`ue fit` with ue_lightning.modules.TransferableNoise")
-        self.noise = state["noise"].cpu().to(self._state_dtype)
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.noise_passes = int(state["noise_passes"])
+
+    def on_predict_start(self) -> None:
+        if self.noise_passes > 0:  # with none, the noise is the random start everywhere
+            self._check_covers(self.trainer.datamodule.train_indices())
 
     def _noise_for(self, index: Tensor, size: int | None = None) -> Tensor:
         """Stored noise of ``index`` (CPU), centre-cropped to ``size`` (what CenterCrop did to the image)."""
@@ -213,16 +219,8 @@ class TransferableNoise(NoiseGenerator):
         return loss
 
     def _noise_loader(self) -> DataLoader:
-        dm = self.trainer.datamodule
-        batch_size = self.hparams.noise_batch_size or dm.batch_size
-        if self.trainer.world_size > 1:
-            sampler = DistributedSampler(self._noise_set, num_replicas=self.trainer.world_size,
-                                         rank=self.trainer.global_rank, shuffle=True, seed=self.seed)
-            sampler.set_epoch(self.noise_passes)
-        else:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.noise_passes)
-            sampler = RandomSampler(self._noise_set, generator=g)
-        return DataLoader(self._noise_set, batch_size=batch_size, sampler=sampler, num_workers=dm.num_workers)
+        batch_size = self.hparams.noise_batch_size or self.trainer.datamodule.batch_size
+        return self._sharded_loader(self._noise_set, batch_size, shuffle=True, epoch=self.noise_passes)
 
     def noise_pass(self) -> None:
         """Update the noise of every train sample (PGD descent, warm start), sharded over ranks."""
@@ -238,14 +236,10 @@ class TransferableNoise(NoiseGenerator):
             with torch.no_grad():
                 csd_sum += float(classwise_separability(delta, y))
             batches += 1
-            index = index.to(self.device)
-            if self.trainer.world_size > 1:  # every rank writes every rank's shard, padding repeats dropped
-                index, delta = self.all_gather(index).flatten(0, 1), self.all_gather(delta).flatten(0, 1)
-                keep = first_occurrences(index)
-                index, delta = index[keep], delta[keep]
-            self.noise[index.cpu()] = delta.detach().cpu().to(self._state_dtype)
+            self._store_batch(index, delta)  # every rank's shard, the padding's repeats in a batch dropped
         self.net.train(was_training)
         self.noise_passes += 1
+        self._check_ranks_agree(f"after noise pass {self.noise_passes}")
         self.log("noise/csd", csd_sum / max(1, batches), prog_bar=True, sync_dist=True)
         self.log("noise/passes", float(self.noise_passes))
 
@@ -255,7 +249,7 @@ class TransferableNoise(NoiseGenerator):
                            "batches (train_steps); the noise is still its random start")
 
     def generate(self, x: Tensor, y: Tensor, index: Tensor) -> Tensor:
-        if self.noise is None:
+        if not self._has_noise:
             raise RuntimeError("TransferableNoise has no noise: train it with `ue fit` and pass that checkpoint "
                                "to `ue predict --ckpt_path`")
         if tuple(self.noise.shape[1:]) != tuple(x.shape[1:]) or int(index.max()) >= len(self.noise):
