@@ -170,3 +170,60 @@ def test_noise_follows_the_image_size_through_the_surrogate(protected_run):
         clean = torch.randint(0, 256, shape, dtype=torch.uint8)
         delta = error_minimizing_delta(surrogate, clean, 1, epsilon=6, steps=3, step_size=2)
         assert delta.shape == shape and delta.dtype == torch.int8 and int(delta.abs().max()) <= 6
+
+
+def test_classwise_noise_is_one_pattern_per_class_stretched_over_each_image(protected_run, tmp_path, capsys):
+    photos, first, _ = protected_run
+    protect_folder(str(photos), str(tmp_path / "out"), method="em-classwise", epsilon=EPSILON, device="cpu")
+    report = load_report(tmp_path / "out")
+    labels = {e["class"]: set() for e in report["images"]}
+    for entry in report["images"]:
+        labels[entry["class"]].add(entry["label"])
+        assert 0 < entry["max_abs_delta"] <= EPSILON, entry["input"]
+    assert labels == {"cats": {0}, "dogs": {1}}
+    with Image.open(tmp_path / "out" / "cats/sticker.png") as got, Image.open(photos / "cats/sticker.png") as clean:
+        assert got.mode == "RGBA" and np.array_equal(np.asarray(got)[..., 3], np.asarray(clean)[..., 3])
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(photos / "cats/a.jpg", flat / "a.jpg")
+    err = _ue_error(capsys, "--input", str(flat), "--output", str(tmp_path / "o1"), "--method", "em-classwise")
+    assert "needs class folders" in err
+    err = _ue_error(capsys, "--input", str(photos), "--output", str(tmp_path / "o2"), "--method", "em-classwise",
+                    "--checkpoint", str(first / "surrogate.ckpt"))  # a sample-wise generator
+    assert "holds no class-wise noise" in err and not (tmp_path / "o2").exists()
+
+
+def test_a_class_pattern_stretches_to_any_size_and_channel_count():
+    from ue_lightning.protect.noise import class_pattern_delta
+
+    pattern = torch.full((3, 4, 4), 6 / 255)
+    pattern[1:] = -6 / 255  # red up, green and blue down
+    rgb = class_pattern_delta(pattern, torch.full((3, 7, 5), 100, dtype=torch.uint8), epsilon=6)
+    assert rgb.shape == (3, 7, 5) and rgb[0].eq(6).all() and rgb[1:].eq(-6).all()
+    grey = class_pattern_delta(pattern, torch.full((1, 9, 3), 100, dtype=torch.uint8), epsilon=6)
+    assert grey.shape == (1, 9, 3) and grey.eq(-2).all()  # the channels' mean
+
+
+def test_images_are_read_as_displayed_and_written_back_in_their_mode(tmp_path):
+    from ue_lightning.protect.images import read_photo, write_png
+
+    palette = Image.new("P", (6, 4))
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.info["transparency"] = 1
+    palette.save(tmp_path / "palette.png", transparency=1)
+    Image.fromarray((np.arange(20, dtype=np.uint16).reshape(4, 5) * 3000)).save(tmp_path / "deep.png")
+    rotated = Image.new("RGB", (6, 4), "green")
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # shown turned by 90 degrees
+    rotated.save(tmp_path / "turned.jpg", exif=exif)
+    photo = read_photo(tmp_path / "palette.png")
+    assert photo.mode == "RGBA" and photo.size == (4, 6) and "mode P written as RGBA" in photo.note
+    deep = read_photo(tmp_path / "deep.png")
+    assert deep.mode == "L" and int(deep.colour.max()) == round(57000 * 255 / 65535)
+    turned = read_photo(tmp_path / "turned.jpg")
+    assert turned.size == (6, 4) and "EXIF orientation applied" in turned.note
+    write_png(photo, tmp_path / "out.png")
+    with Image.open(tmp_path / "out.png") as back:
+        assert back.mode == "RGBA" and np.array_equal(np.asarray(back).transpose(2, 0, 1),
+                                                      torch.cat([photo.colour, photo.alpha]).numpy())
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file left"

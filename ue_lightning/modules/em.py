@@ -63,7 +63,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms.v2 import functional as TF
 
-from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, pgd_minimize, project_linf
+from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, logit_margin_sum, pgd_minimize, project_linf
 from ue_lightning.data.datamodule import stratified_subset
 from ue_lightning.models import batchnorm_statistics_frozen, build_classifier
 from ue_lightning.augment import random_crop_flip
@@ -73,6 +73,7 @@ from ue_lightning.sample_rng import salt_of
 
 CHECKPOINT_KEY = "error_minimizing_noise"
 NOISE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+NOISE_LOSSES = {"cross_entropy": cross_entropy_sum, "logit_margin": logit_margin_sum}
 
 
 class ErrorMinimizingNoise(NoiseGenerator):
@@ -115,6 +116,10 @@ class ErrorMinimizingNoise(NoiseGenerator):
             ``eval_batch_size``).
         classwise_subset: share of the train set (stratified, seeded) used by the
             class-wise noise pass and its stop check.
+        noise_loss: what the noise pass descends: ``cross_entropy`` (the reference) or ``logit_margin``
+            (the same sign steps, but no gradient underflow to exactly zero on samples the
+            surrogate already classifies with certainty: see
+            :func:`~ue_lightning.attacks.logit_margin_sum`; ``ue protect`` uses it on small folders).
         noise_dtype: storage of the noise state in pixel units: ``float32`` (exact;
             CIFAR-10 sample-wise 614 MB of host memory) or ``float16`` (half; spacing
             about 0.004/255 near 8/255, far below the 1/255 rounding of the file).
@@ -147,6 +152,7 @@ class ErrorMinimizingNoise(NoiseGenerator):
         seed: int = 0,
         noise_batch_size: int | None = None,
         classwise_subset: float = 0.2,
+        noise_loss: Literal["cross_entropy", "logit_margin"] = "cross_entropy",
         noise_dtype: Literal["float32", "float16"] = "float32",
     ):
         super().__init__(epsilon=epsilon, seed=seed)
@@ -156,6 +162,8 @@ class ErrorMinimizingNoise(NoiseGenerator):
             raise ValueError(f"stop_on={stop_on!r}: choose surrogate or noise_pass")
         if pass_mode not in ("eval", "train"):
             raise ValueError(f"pass_mode={pass_mode!r}: choose eval or train")
+        if noise_loss not in NOISE_LOSSES:
+            raise ValueError(f"noise_loss={noise_loss!r}: choose one of {', '.join(NOISE_LOSSES)}")
         if noise_dtype not in NOISE_DTYPES:
             raise ValueError(f"noise_dtype={noise_dtype!r}: choose one of {', '.join(NOISE_DTYPES)}")
         steps = (20 if mode == "samplewise" else 1) if steps is None else steps
@@ -432,7 +440,7 @@ class ErrorMinimizingNoise(NoiseGenerator):
         the same noise whatever its batch or DDP rank.
         """
         h = self.hparams
-        loss = cross_entropy_sum(self.model, y)
+        loss = NOISE_LOSSES[h.get("noise_loss", "cross_entropy")](self.model, y)
         if h.eot_samples:
             pgd_step = itertools.count()  # PGD calls the loss once per step: a fresh draw each step
 

@@ -1,10 +1,10 @@
 """``ue protect``: every image of a folder to a protected lossless PNG, resumably, with a report.
 
-Steps: find the images (:mod:`.images`); get a surrogate (a checkpoint, or a quick one
-trained on the folder and saved as ``<output>/surrogate.ckpt``: :mod:`.surrogate`); per
-image, PGD noise at the image's own size (:mod:`.noise`), written atomically; then the
-report (:mod:`.report`). A rerun with the same settings skips every image whose PNG is
-there (a killed run resumes); ``settings.json`` in the output refuses a rerun with others.
+Steps: find the images (:mod:`.images`); get the generator (a checkpoint: :mod:`.surrogate`,
+or a quick one trained on the folder and saved as ``<output>/surrogate.ckpt``: :mod:`.quick`);
+per image, its noise at its own size (:mod:`.noise`), written atomically; then the report
+(:mod:`.report`). A rerun with the same settings skips every image whose PNG is there (a
+killed run resumes); ``settings.json`` in the output refuses a rerun with other settings.
 """
 
 from __future__ import annotations
@@ -17,21 +17,21 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
+from torch import Tensor
 from tqdm import tqdm
 
 from ue_lightning.attacks import budget_to_pixels
 from ue_lightning.data.noise_file import apply_delta
 from ue_lightning.protect.images import ImageJob, Photo, UnreadableImage, find_images, read_photo, write_png
-from ue_lightning.protect.noise import error_minimizing_delta, predicted_label
+from ue_lightning.protect.noise import class_pattern_delta, error_minimizing_delta, predicted_label
+from ue_lightning.protect.quick import fit_quick_surrogate
 from ue_lightning.protect.report import REPORT_FILES, image_quality, write_report
-from ue_lightning.protect.surrogate import (Surrogate, cluster_labels, load_surrogate, train_quick_surrogate,
-                                           working_crops)
+from ue_lightning.protect.surrogate import load_class_noise, load_surrogate
 
 SETTINGS_FILE = "settings.json"
 QUICK_CHECKPOINT = "surrogate.ckpt"
-WORKING_SIZE = 32  # side of the quick surrogate's training crops, pixels
-CROPS_PER_IMAGE = 4
+MODES = {"em": "samplewise", "em-classwise": "classwise"}
+
 
 
 def _refuse_overlap(input_dir: Path, output_dir: Path) -> None:
@@ -75,33 +75,6 @@ def _device(name: str) -> torch.device:
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
-def _readable(jobs: list[ImageJob]):
-    """``(job, photo)`` for each job whose image decodes (the others are reported by the main pass)."""
-    for job in jobs:
-        try:
-            yield job, read_photo(job.source)
-        except UnreadableImage:
-            continue
-
-
-def _quick_surrogate(jobs: list[ImageJob], classes: list[str], checkpoint: Path, epsilon: float, seed: int,
-                     device: torch.device) -> None:
-    """Train the quick surrogate on crops of the images (labels: their classes, or k-means clusters)."""
-    generator = torch.Generator().manual_seed(seed)
-    crops, labels, thumbnails = [], [], []
-    for job, photo in tqdm(_readable(jobs), total=len(jobs), desc="reading crops", unit="img", file=sys.stderr):
-        crops.append(working_crops(photo.colour, WORKING_SIZE, CROPS_PER_IMAGE, generator))
-        labels.append(classes.index(job.class_name) if classes else -1)
-        thumbnails.append(TF.resize(photo.colour.expand(3, -1, -1), [16, 16], antialias=True))
-    if not crops:
-        raise ValueError("no readable image to train a quick surrogate on: see the files named above")
-    image_labels = np.asarray(labels) if classes else cluster_labels(torch.stack(thumbnails), seed)
-    print(f"training a quick surrogate on {len(crops) * CROPS_PER_IMAGE} crops of {len(crops)} images "
-          f"({len(np.unique(image_labels))} classes) ...", file=sys.stderr, flush=True)
-    train_quick_surrogate(torch.cat(crops), np.repeat(image_labels, CROPS_PER_IMAGE), checkpoint, epsilon=epsilon,
-                          seed=seed, accelerator="cpu" if device.type == "cpu" else "auto")
-
-
 def _existing_output(job: ImageJob, photo: Photo) -> Photo | None:
     """The protected PNG of an earlier run, if it is there and fits the input (same size, mode and alpha)."""
     if not job.output.is_file():
@@ -115,11 +88,46 @@ def _existing_output(job: ImageJob, photo: Photo) -> Photo | None:
     return done if done.colour.shape == photo.colour.shape and same_alpha else None
 
 
+class SamplewiseNoise:
+    """``--method em``: PGD at the image's size against the checkpoint's surrogate, towards the image's class
+    (class i: the surrogate's label i mod K) or, in a flat folder, the surrogate's own prediction."""
+
+    def __init__(self, checkpoint: str, classes: list[str], settings: dict[str, Any], device: torch.device):
+        self.surrogate = load_surrogate(checkpoint, device)
+        self.classes, self.settings = classes, settings
+        self.num_classes = self.surrogate.num_classes
+
+    def __call__(self, job: ImageJob, photo: Photo) -> tuple[int, Tensor]:
+        """``(label, int8 delta (C, H, W) in 1/255 units)`` of one image."""
+        label = (self.classes.index(job.class_name) % self.num_classes if job.class_name is not None
+                 else predicted_label(self.surrogate, photo.colour))
+        s = self.settings
+        return label, error_minimizing_delta(self.surrogate, photo.colour, label, epsilon=s["epsilon"],
+                                             steps=s["steps"], step_size=s["step_size"])
+
+
+class ClasswiseNoise:
+    """``--method em-classwise``: the class pattern of the checkpoint's class-wise EM, stretched over the image."""
+
+    def __init__(self, checkpoint: str, classes: list[str], settings: dict[str, Any], device: torch.device):
+        self.patterns = load_class_noise(checkpoint)  # (K, C, h, w), pixel units
+        self.classes, self.epsilon = classes, settings["epsilon"]
+        self.num_classes = len(self.patterns)
+
+    def __call__(self, job: ImageJob, photo: Photo) -> tuple[int, Tensor]:
+        """``(label, int8 delta (C, H, W) in 1/255 units)`` of one image."""
+        label = self.classes.index(job.class_name) % self.num_classes
+        return label, class_pattern_delta(self.patterns[label], photo.colour, self.epsilon)
+
+
+NOISE_MAKERS = {"em": SamplewiseNoise, "em-classwise": ClasswiseNoise}
+
+
 def protect_folder(
     input: str,
     output: str,
     checkpoint: str | None = None,
-    method: Literal["em"] = "em",
+    method: Literal["em", "em-classwise"] = "em",
     epsilon: float = 8.0,
     steps: int = 20,
     step_size: float | None = None,
@@ -137,14 +145,15 @@ def protect_folder(
     Args:
         input: the folder of images (never written to).
         output: the folder for the protected PNGs, report.json, report.md and grid.png (outside --input).
-        checkpoint: a generator checkpoint whose surrogate makes the noise (ErrorMinimizingNoise or
-            RobustNoiseGenerator ``last.ckpt``); without it, a quick sample-wise EM surrogate is trained
-            on 32x32 crops of the images and saved as <output>/surrogate.ckpt.
-        method: ``em``: sample-wise error-minimising noise, PGD at each image's own size.
+        checkpoint: a generator checkpoint (``last.ckpt`` of an ErrorMinimizingNoise fit, or for ``em`` of a
+            RobustNoiseGenerator fit); without it, a quick EM generator is trained on the images and saved as
+            <output>/surrogate.ckpt.
+        method: ``em``: sample-wise error-minimising noise, PGD against the surrogate at each image's own
+            size; ``em-classwise``: one pattern per class folder (class-wise EM), stretched over each image.
         epsilon: L-infinity budget in 1/255 units (8 = 8/255), in (0, 64].
-        steps: PGD steps per image.
+        steps: PGD steps per image (``em``).
         step_size: PGD step in 1/255 units (None: 2.5 * epsilon / steps, at least 0.25).
-        seed: seed of the quick surrogate, its crops and clusters.
+        seed: seed of the quick generator, its training images and clusters.
         grid_images: images shown in grid.png (evenly spread over the folder).
         device: ``auto`` (a GPU if there is one), ``cpu``, ``cuda``, ``mps``, ...
     """
@@ -152,34 +161,41 @@ def protect_folder(
     if not input_dir.is_dir():
         raise NotADirectoryError(f"--input {input} is not a folder")
     _refuse_overlap(input_dir, output_dir)
-    if method != "em":
-        raise ValueError(f"--method {method!r}: only em (sample-wise error-minimising noise) is available")
+    if method not in NOISE_MAKERS:
+        raise ValueError(f"--method {method!r}: choose one of {', '.join(NOISE_MAKERS)}")
     budget_to_pixels(epsilon, "epsilon", allow_zero=False)
     if steps < 1:
         raise ValueError(f"--steps {steps} must be at least 1")
     step_size = max(2.5 * epsilon / steps, 0.25) if step_size is None else step_size
     budget_to_pixels(step_size, "step_size", allow_zero=False)
-    run = _device(device)
-    surrogate = load_surrogate(checkpoint, run) if checkpoint is not None else None  # refused before writing
-    settings = {"method": method, "epsilon": float(epsilon), "steps": int(steps), "step_size": float(step_size),
-                "seed": int(seed), "surrogate_sha256": _sha256(Path(checkpoint)) if checkpoint else "quick"}
-    _claim_output(output_dir, settings)
     jobs, skipped = find_images(input_dir, output_dir, reserved=REPORT_FILES)
     classes = sorted({job.class_name for job in jobs if job.class_name is not None})
-    if surrogate is None:
+    if method == "em-classwise" and not classes:
+        raise ValueError(f"--method em-classwise needs class folders (--input {input} has images in fewer than two "
+                         "subfolders): put each class in its own subfolder, or use --method em")
+    run = _device(device)
+    settings = {"method": method, "epsilon": float(epsilon), "steps": int(steps), "step_size": float(step_size),
+                "seed": int(seed), "surrogate_sha256": _sha256(Path(checkpoint)) if checkpoint else "quick"}
+    if checkpoint is not None:
+        noise = NOISE_MAKERS[method](checkpoint, classes, settings, run)  # a wrong checkpoint: refused before writing
+    _claim_output(output_dir, settings)
+    if checkpoint is None:
         checkpoint = str(output_dir / QUICK_CHECKPOINT)
         if not Path(checkpoint).is_file():
-            _quick_surrogate(jobs, classes, Path(checkpoint), epsilon, seed, run)
-        surrogate = load_surrogate(checkpoint, run)
+            fit_quick_surrogate(jobs, classes, Path(checkpoint), mode=MODES[method], epsilon=epsilon, seed=seed,
+                                device=run)
+        noise = NOISE_MAKERS[method](checkpoint, classes, settings, run)
     notes = []
-    if len(classes) > surrogate.num_classes:
-        notes.append(f"{len(classes)} classes but the surrogate has {surrogate.num_classes}: classes share "
-                     "surrogate labels (class i gets label i mod K), which weakens their protection")
+    if len(classes) > noise.num_classes:
+        notes.append(f"{len(classes)} classes but the generator has {noise.num_classes}: classes share labels "
+                     "(class i gets label i mod K), which weakens their protection")
     picks = set(np.linspace(0, len(jobs) - 1, min(grid_images, len(jobs))).round().astype(int).tolist())
     images, grid = [], []
     for i, job in enumerate(tqdm(jobs, desc="protecting", unit="img", file=sys.stderr)):
-        entry = _protect_one(job, classes, surrogate, settings, i in picks, grid)
+        entry, sample = _protect_one(job, noise)
         (images if "reason" not in entry else skipped).append(entry)
+        if sample is not None and i in picks:
+            grid.append(sample)
     report = {"settings": settings, "surrogate": checkpoint, "input": str(input_dir), "notes": notes,
               "images": images, "skipped": skipped}
     write_report(output_dir, report, grid, epsilon)
@@ -189,28 +205,29 @@ def protect_folder(
     return report
 
 
-def _protect_one(job: ImageJob, classes: list[str], surrogate: Surrogate, settings: dict[str, Any],
-                 keep_for_grid: bool, grid: list) -> dict[str, Any]:
-    """Protect one image (or take its earlier PNG); its report entry, or ``{"path", "reason"}`` when left out."""
+def _protect_one(job: ImageJob, noise: SamplewiseNoise | ClasswiseNoise
+                 ) -> tuple[dict[str, Any], tuple[Tensor, Tensor] | None]:
+    """Protect one image (or take its PNG of an earlier run).
+
+    Returns its report entry (``{"path", "reason"}`` when it is left out) and, for the grid,
+    ``(clean colour uint8 (C, H, W), int8 delta (C, H, W))`` (None when left out).
+    """
     try:
         photo = read_photo(job.source)
     except UnreadableImage as err:
-        return {"path": str(job.relative), "reason": str(err)}
+        return {"path": str(job.relative), "reason": str(err)}, None
     protected = _existing_output(job, photo)
     status, label = "done before", None
     if protected is None:
-        label = (classes.index(job.class_name) % surrogate.num_classes if job.class_name is not None
-                 else predicted_label(surrogate, photo.colour))
         try:
-            delta = error_minimizing_delta(surrogate, photo.colour, label, epsilon=settings["epsilon"],
-                                           steps=settings["steps"], step_size=settings["step_size"])
+            label, delta = noise(job, photo)
         except torch.OutOfMemoryError:
-            return {"path": str(job.relative), "reason": f"too large for this device's memory ({photo.size})"}
+            return {"path": str(job.relative), "reason": f"too large for this device's memory ({photo.size})"}, None
         protected = Photo(apply_delta(photo.colour, delta), photo.alpha, photo.note, photo.icc_profile)
         write_png(protected, job.output)
         status = "protected"
-    if keep_for_grid:
-        grid.append((photo.colour, (protected.colour.to(torch.int16) - photo.colour.to(torch.int16)).to(torch.int8)))
-    return {"input": str(job.relative), "output": str(job.relative.with_suffix(".png")),
-            "class": job.class_name, "label": label, "size": list(photo.size), "mode": photo.mode,
-            "status": status, "note": photo.note, **image_quality(photo.colour, protected.colour)}
+    delta = (protected.colour.to(torch.int16) - photo.colour.to(torch.int16)).to(torch.int8)
+    entry = {"input": str(job.relative), "output": str(job.relative.with_suffix(".png")), "class": job.class_name,
+             "label": label, "size": list(photo.size), "mode": photo.mode, "status": status, "note": photo.note,
+             **image_quality(photo.colour, protected.colour)}
+    return entry, (photo.colour, delta)
