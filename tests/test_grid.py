@@ -5,6 +5,7 @@ from __future__ import annotations
 from unittest.mock import MagicMock
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -44,3 +45,13 @@ def test_predict_logs_the_grid_to_tensorboard(tmp_path):
 def test_predict_without_tensorboard_logs_no_grid(tmp_path):
     _predict(tmp_path, [CSVLogger(tmp_path)])
     _predict(tmp_path, False)
+
+
+def test_the_grid_reaches_a_real_tensorboard_event_file(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    board = TensorBoardLogger(tmp_path)
+    _predict(tmp_path, board)
+    events = event_accumulator.EventAccumulator(board.log_dir)
+    events.Reload()
+    (image,) = events.Images(GRID_TAG)
+    assert image.width == 3 * 160 + 4 * PADDING and image.height == 8 * 160 + 9 * PADDING
