@@ -158,6 +158,8 @@ def test_resuming_with_other_settings_or_into_a_foreign_folder_is_refused(protec
     (foreign / "holiday.png").write_bytes(b"keep me")
     err = _ue_error(capsys, "--input", str(photos), "--output", str(foreign))
     assert "not empty" in err and (foreign / "holiday.png").read_bytes() == b"keep me"
+    err = _ue_error(capsys, "--input", str(photos), "--output", str(tmp_path / "o"), "--checkpoint", "none.ckpt")
+    assert "--checkpoint none.ckpt does not exist" in err and not (tmp_path / "o").exists()
 
 
 def test_noise_follows_the_image_size_through_the_surrogate(protected_run):

@@ -27,11 +27,11 @@ from ue_lightning.protect.noise import class_pattern_delta, error_minimizing_del
 from ue_lightning.protect.quick import fit_quick_surrogate
 from ue_lightning.protect.report import REPORT_FILES, image_quality, write_report
 from ue_lightning.protect.surrogate import load_class_noise, load_surrogate
+from ue_lightning.scratch import atomic_write_bytes
 
 SETTINGS_FILE = "settings.json"
 QUICK_CHECKPOINT = "surrogate.ckpt"
 MODES = {"em": "samplewise", "em-classwise": "classwise"}
-
 
 
 def _refuse_overlap(input_dir: Path, output_dir: Path) -> None:
@@ -64,7 +64,7 @@ def _claim_output(output_dir: Path, settings: dict[str, Any]) -> None:
         raise FileExistsError(f"--output {output_dir} exists, is not empty and was not written by ue protect: "
                               "choose a new folder (nothing was written)")
     output_dir.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(json.dumps(settings, indent=2))
+    atomic_write_bytes(recorded, json.dumps(settings, indent=2).encode())
 
 
 def _device(name: str) -> torch.device:
@@ -175,9 +175,10 @@ def protect_folder(
                          "subfolders): put each class in its own subfolder, or use --method em")
     run = _device(device)
     settings = {"method": method, "epsilon": float(epsilon), "steps": int(steps), "step_size": float(step_size),
-                "seed": int(seed), "surrogate_sha256": _sha256(Path(checkpoint)) if checkpoint else "quick"}
+                "seed": int(seed), "surrogate_sha256": "quick"}
     if checkpoint is not None:
         noise = NOISE_MAKERS[method](checkpoint, classes, settings, run)  # a wrong checkpoint: refused before writing
+        settings["surrogate_sha256"] = _sha256(Path(checkpoint))
     _claim_output(output_dir, settings)
     if checkpoint is None:
         checkpoint = str(output_dir / QUICK_CHECKPOINT)
