@@ -70,3 +70,20 @@ def test_budget_conversion():
     assert budget_to_pixels(0, "adv_radius") == 0
     with pytest.raises(ValueError):
         budget_to_pixels(0, "epsilon", allow_zero=False)
+
+
+def test_logit_margin_steps_like_cross_entropy_and_keeps_moving_when_it_underflows():
+    from ue_lightning.attacks import cross_entropy_sum, input_gradient, logit_margin_sum
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    x, y = torch.rand(5, 3, 2, 2), torch.tensor([0, 1, 2, 3, 0])
+    zero = torch.zeros_like(x)
+    _, g_ce = input_gradient(cross_entropy_sum(model, y), x, zero)
+    _, g_margin = input_gradient(logit_margin_sum(model, y), x, zero)
+    assert torch.equal(g_ce.sign(), g_margin.sign())
+    with torch.no_grad():
+        model[1].weight.mul_(1e4)  # p_y rounds to 1 (or 0): cross-entropy's gradient vanishes for some samples
+    _, g_ce = input_gradient(cross_entropy_sum(model, y), x, zero)
+    _, g_margin = input_gradient(logit_margin_sum(model, y), x, zero)
+    assert (g_ce.flatten(1).abs().sum(1) == 0).any() and (g_margin.flatten(1).abs().sum(1) > 0).all()

@@ -34,6 +34,23 @@ def cross_entropy_sum(model: nn.Module, y: Tensor) -> LossFn:
     return lambda x: F.cross_entropy(model(x), y, reduction="sum")
 
 
+def logit_margin_sum(model: nn.Module, y: Tensor) -> LossFn:
+    """``sum_b (logsumexp_{j != y} z_j - z_y)``: cross-entropy's sign steps without its underflow.
+
+    Cross-entropy's input gradient is ``(1 - p_y)`` times this loss's, so sign steps are the
+    same; but once a confident model's ``p_y`` rounds to 1 in float32, cross-entropy's
+    gradient is exactly zero and PGD stops moving, while this one still has a direction.
+    Needs two or more classes.
+    """
+    def loss(x: Tensor) -> Tensor:
+        logits = model(x)
+        target = F.one_hot(y, logits.shape[1]).bool()
+        others = logits.masked_fill(target, float("-inf")).logsumexp(dim=1)
+        return (others - logits.gather(1, y.view(-1, 1)).squeeze(1)).sum()
+
+    return loss
+
+
 def project_linf(delta: Tensor, x: Tensor, radius: float) -> Tensor:
     """Project ``delta`` onto ``[-radius, radius]`` with ``x + delta`` in [0, 1]."""
     delta = delta.clamp(-radius, radius)

@@ -1,20 +1,51 @@
-"""PerturbationWriter: turns `ue predict` batches into one noise file, on one rank or many."""
+"""PerturbationWriter: `ue predict` batches into one noise file, on one rank or many; the noise grid for TensorBoard."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from ue_lightning.data.noise_file import NoiseFile, NoiseFileWriter, NoiseMetadata
+from ue_lightning.grid import perturbation_grid
 from ue_lightning.padding import first_occurrences
 from ue_lightning.scratch import scratch_dir
+
+
+GRID_TAG = "noise/clean_noise_protected"
+
+
+def tensorboard_loggers(loggers: Iterable[Logger]) -> list[TensorBoardLogger]:
+    """The TensorBoard loggers among ``loggers``."""
+    return [logger for logger in loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def log_perturbation_grid(loggers: Iterable[Logger], clean: torch.Tensor, delta: torch.Tensor, epsilon: float,
+                          step: int, max_images: int = 8) -> bool:
+    """Log the ``clean | noise | protected`` grid of a batch to every TensorBoard logger; False if there is none.
+
+    Args:
+        loggers: the trainer's loggers (CSV and other loggers are left alone).
+        clean: uint8 images (B, C, H, W), 0-255.
+        delta: int8 noise (B, C, H, W), 1/255 units.
+        epsilon: the budget in 1/255 units.
+        step: the global step the image is logged at.
+        max_images: rows of the grid (the first images of the batch).
+    """
+    boards = tensorboard_loggers(loggers)
+    if not boards:
+        return False
+    grid = perturbation_grid(list(clean[:max_images].cpu()), list(delta[:max_images].cpu()), epsilon)
+    for board in boards:
+        board.experiment.add_image(GRID_TAG, grid, global_step=step)  # uint8 (3, H, W)
+    return True
 
 
 class PerturbationWriter(BasePredictionWriter):

@@ -1,4 +1,4 @@
-"""The ``ue`` command: LightningCLI (fit/validate/test/predict) plus ``export`` and ``pipeline``.
+"""The ``ue`` command: LightningCLI (fit/validate/test/predict) plus ``export``, ``pipeline`` and ``protect``.
 
 Examples::
 
@@ -6,6 +6,7 @@ Examples::
     ue test --config configs/data/cifar10.yaml --config configs/victim/resnet18.yaml --ckpt_path last.ckpt
     ue predict --config configs/generator/rem-cifar10.yaml --ckpt_path generator.ckpt
     ue export --noise noise.safetensors --dataset cifar10 --root data --output protected/ --format png
+    ue protect --input my-photos/ --output my-photos-protected/
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 from ue_lightning.lightning_cli import UECLI, build_cli  # noqa: F401  (re-exported: tests and callers use ue_lightning.cli)
 
-EXTRA_COMMANDS = ("export", "pipeline")
+EXTRA_COMMANDS = ("export", "pipeline", "protect")
 
 TOP_HELP = """usage: ue COMMAND [options]    (ue COMMAND --help: that command's options)
 
@@ -28,9 +29,11 @@ commands:
   predict    write a fitted generator's noise over the train split to a noise file
   export     apply a noise file to a dataset and write the protected images (png or CIFAR batches)
   pipeline   score estimator -> generators -> noise files -> victims -> accuracy table, in one go
+  protect    protect a folder of your own images: lossless PNGs at their own size, and a report
 
 examples:
   ue pipeline                                        # everything on the embedded digits, ~3 min
+  ue protect --input my-photos/ --output my-photos-protected/   # + report.md, grid.png
   ue fit --config configs/generator/em-samplewise-cifar10.yaml
   ue predict --config configs/generator/em-samplewise-cifar10.yaml --ckpt_path <last.ckpt>
   ue fit --config configs/data/cifar10.yaml --config configs/victim/resnet18.yaml \\
@@ -75,6 +78,8 @@ def _run(argv: list[str] | None) -> None:
 
         if args[0] == "export":
             from ue_lightning.data.export import export_protected as command
+        elif args[0] == "protect":
+            from ue_lightning.protect import protect_folder as command
         else:
             from ue_lightning.pipeline import run_pipeline as command
         CLI(command, args=args[1:], as_positional=False)

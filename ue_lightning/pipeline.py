@@ -37,7 +37,9 @@ def _uses_score_model(config: str) -> bool:
     return "score_checkpoint" in (model.get("init_args") or {})
 
 
-def _cli(config: str, root: Path, *overrides: str):
+def stage_cli(config: str, root: Path, *overrides: str):
+    """The LightningCLI of one stage (not run): ``config`` plus ``overrides``, writing only below ``root``,
+    logging to CSV (``root/logs``), no checkpoints, no progress bar. The notebook uses it too."""
     # The configs' callbacks write checkpoints and noise files to their own runs/ folders; the pipeline keeps
     # its models in memory and writes everything it keeps below its workdir instead. Lightning's bars are
     # shown on a terminal only, and cleared after each loop: the stage lines are the pipeline's record.
@@ -133,7 +135,7 @@ def _run_stages(score: str | None, generators: dict[str, str], victim: str, adv_
     score_ckpt = None
     if needs_score:
         with stage(f"score estimator ({score})"):
-            cli = _cli(score, work / "score")
+            cli = stage_cli(score, work / "score")
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
             score_ckpt = work / "score.ckpt"
             cli.trainer.save_checkpoint(score_ckpt, weights_only=True)  # what the generators read: weights
@@ -143,7 +145,7 @@ def _run_stages(score: str | None, generators: dict[str, str], victim: str, adv_
         extra = ["--model.init_args.score_checkpoint", str(score_ckpt)] if _uses_score_model(config) and score_ckpt else []
         output = work / "noise" / f"{name}.safetensors"
         with stage(f"generator {name} ({config})"):
-            cli = _cli(config, work / "generator" / name, *extra)
+            cli = stage_cli(config, work / "generator" / name, *extra)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
             cli.trainer.callbacks.append(PerturbationWriter(str(output)))
             cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
@@ -156,7 +158,7 @@ def _run_stages(score: str | None, generators: dict[str, str], victim: str, adv_
             if noise is not None:
                 extra += ["--data.perturbation", str(noise)]
             with stage(f"victim on {data_name} data, rho_a = {radius:g}/255"):
-                cli = _cli(victim, work / "victim" / f"{data_name}-rho{radius:g}", *extra)
+                cli = stage_cli(victim, work / "victim" / f"{data_name}-rho{radius:g}", *extra)
                 cli.trainer.fit(cli.model, datamodule=cli.datamodule)
                 train_acc = float(cli.trainer.callback_metrics["train/acc"])  # last epoch, on its (protected) data
                 metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]

@@ -61,3 +61,22 @@ def scratch_dir(output: Path, suffix: str = "") -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(output)
     return Path(tempfile.mkdtemp(prefix=f"{_prefix(output)}{os.getpid()}.", suffix=suffix, dir=output.parent))
+
+
+def atomic_write_bytes(output: Path, data: bytes) -> None:
+    """Write ``data`` to ``output`` through a temporary sibling (fsync, rename): ``output`` holds the old content
+    or the new one, never a part. The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
+    output = Path(output)
+    fd, tmp = scratch_file(output, output.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

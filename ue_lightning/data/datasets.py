@@ -112,14 +112,19 @@ class ImageArray(CleanImages):
                                _sha256(self.targets.numpy()), _sha256(self.images.numpy()))
 
 
-def rgb8(img: Image.Image) -> Image.Image:
-    """An 8-bit RGB copy of ``img``. 16-bit greyscale (PNG ``I;16``, or ``I``) is scaled to 0-255:
-    PIL's own ``convert("RGB")`` clips it, turning almost every pixel white."""
+def grey8(img: Image.Image) -> Image.Image:
+    """16-bit greyscale (PNG ``I;16``, or ``I``) scaled to 8-bit ``L`` (0-255); other images unchanged.
+    PIL's own ``convert`` clips such images, turning almost every pixel white."""
     if img.mode.startswith("I;16") or img.mode == "I":
         wide = np.asarray(img, dtype=np.float64)
         full = 65535.0 if img.mode.startswith("I;16") or wide.max() > 255 else 255.0
         img = Image.fromarray(np.rint(wide * (255.0 / full)).clip(0, 255).astype(np.uint8))  # mode L
-    return img.convert("RGB")
+    return img
+
+
+def rgb8(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of ``img`` (16-bit greyscale scaled, see :func:`grey8`)."""
+    return grey8(img).convert("RGB")
 
 
 class ImageFiles(CleanImages):

@@ -61,7 +61,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.v2 import functional as TF
 
-from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, pgd_minimize, project_linf
+from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, logit_margin_sum, pgd_minimize, project_linf
 from ue_lightning.data.datamodule import stratified_subset
 from ue_lightning.models import batchnorm_statistics_frozen, build_classifier
 from ue_lightning.augment import random_crop_flip
@@ -72,6 +72,8 @@ from ue_lightning.padding import first_unseen
 from ue_lightning.sample_rng import salt_of
 
 CHECKPOINT_KEY = "error_minimizing_noise"
+NOISE_LOSSES = {"cross_entropy": cross_entropy_sum, "logit_margin": logit_margin_sum}
+
 
 
 class ErrorMinimizingNoise(StoredNoiseGenerator):
@@ -114,6 +116,10 @@ class ErrorMinimizingNoise(StoredNoiseGenerator):
             ``eval_batch_size``).
         classwise_subset: share of the train set (stratified, seeded) used by the
             class-wise noise pass and its stop check.
+        noise_loss: what the noise pass descends: ``cross_entropy`` (the reference) or ``logit_margin``
+            (the same sign steps, but no gradient underflow to exactly zero on samples the
+            surrogate already classifies with certainty: see
+            :func:`~ue_lightning.attacks.logit_margin_sum`; ``ue protect`` uses it on small folders).
         noise_dtype, noise_store, noise_store_dir: how the noise state is stored, see
             :class:`~ue_lightning.modules.generator_base.StoredNoiseGenerator`.
     """
@@ -149,6 +155,7 @@ class ErrorMinimizingNoise(StoredNoiseGenerator):
         seed: int = 0,
         noise_batch_size: int | None = None,
         classwise_subset: float = 0.2,
+        noise_loss: Literal["cross_entropy", "logit_margin"] = "cross_entropy",
         noise_dtype: Literal["float32", "float16"] = "float32",
         noise_store: StoreKind = "auto",
         noise_store_dir: str | None = None,
@@ -161,6 +168,8 @@ class ErrorMinimizingNoise(StoredNoiseGenerator):
             raise ValueError(f"stop_on={stop_on!r}: choose surrogate or noise_pass")
         if pass_mode not in ("eval", "train"):
             raise ValueError(f"pass_mode={pass_mode!r}: choose eval or train")
+        if noise_loss not in NOISE_LOSSES:
+            raise ValueError(f"noise_loss={noise_loss!r}: choose one of {', '.join(NOISE_LOSSES)}")
         steps = (20 if mode == "samplewise" else 1) if steps is None else steps
         if steps < 1 or train_steps < 0:
             raise ValueError(f"steps={steps} must be >= 1 and train_steps={train_steps} >= 0")
@@ -367,7 +376,7 @@ class ErrorMinimizingNoise(StoredNoiseGenerator):
         the same noise whatever its batch or DDP rank.
         """
         h = self.hparams
-        loss = cross_entropy_sum(self.model, y)
+        loss = NOISE_LOSSES[h.get("noise_loss", "cross_entropy")](self.model, y)
         if h.eot_samples:
             pgd_step = itertools.count()  # PGD calls the loss once per step: a fresh draw each step
 

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from ue_lightning.attacks import budget_to_pixels
+from ue_lightning.callbacks import log_perturbation_grid, tensorboard_loggers
 from ue_lightning.data.noise_file import quantize_delta
 from ue_lightning.noise_store import NoiseStore, StoreKind, choose_kind, stream_checkpoints
 from ue_lightning.padding import first_occurrences, first_unseen
@@ -58,6 +59,15 @@ class NoiseGenerator(L.LightningModule):
             return {"index": index}
         delta = self.generate(x, y, index)
         return {"index": index.cpu(), "delta": quantize_delta(to_uint8(x), delta, self.epsilon).cpu()}
+
+    def on_predict_batch_end(self, outputs: dict[str, Tensor], batch: tuple[Tensor, Tensor, Tensor], batch_idx: int,
+                             dataloader_idx: int = 0) -> None:
+        """The first batch's ``clean | noise | protected`` grid goes to TensorBoard, when a TensorBoardLogger is set."""
+        if batch_idx != 0 or not self.trainer.is_global_zero or not tensorboard_loggers(self.loggers):
+            return
+        x, y, _ = batch
+        delta = self.class_delta()[y.cpu()] if self.classwise else outputs["delta"]
+        log_perturbation_grid(self.loggers, to_uint8(x), delta, self.epsilon, self.global_step)
 
     def noise_metadata(self) -> dict[str, Any]:
         """Method, budget and config for the noise file (see NoiseMetadata)."""

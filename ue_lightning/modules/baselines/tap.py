@@ -9,10 +9,8 @@ poisons learns the wrong features for each class.
 from __future__ import annotations
 
 import itertools
-import pickle
-import zipfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +18,7 @@ from torch import Tensor, nn
 
 from ue_lightning.attacks import box_start, budget_to_pixels, pgd_minimize
 from ue_lightning.augment import random_crop_flip
-from ue_lightning.models import build_classifier
+from ue_lightning.models.checkpoint import classifier_from_weights, read_classifier_checkpoint
 from ue_lightning.modules.generator_base import NoiseGenerator
 from ue_lightning.sample_rng import indexed_uniform
 
@@ -37,21 +35,8 @@ def load_victim_classifier(path: str | Path, num_classes: int, in_channels: int,
     another module, and one trained for another class count, channel count or image size.
     The checkpoint is read with ``weights_only=True`` (no code runs while loading).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"classifier_checkpoint {path} does not exist: {_MAKE_ONE}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise ValueError(f"cannot read classifier_checkpoint {path}: it is corrupt or not a Lightning checkpoint "
-                         f"({type(e).__name__}: {str(e)[:200]}); {_MAKE_ONE}") from None
-    hp: dict[str, Any] = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    if "arch" not in hp or not weights:
-        kind = hp.get("_class_path", "an unknown module") if hp else "an unknown module"
-        raise ValueError(f"classifier_checkpoint {path} is a checkpoint of {kind}, not of "
-                         f"ue_lightning.modules.VictimClassifier; {_MAKE_ONE}")
+    hp, weights = read_classifier_checkpoint(path, name="classifier_checkpoint",
+                                             expected="ue_lightning.modules.VictimClassifier", fix=_MAKE_ONE)
     found = {"num_classes": hp.get("num_classes"), "in_channels": hp.get("in_channels"),
              "image_size": hp.get("image_size")}
     wanted = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
@@ -59,14 +44,7 @@ def load_victim_classifier(path: str | Path, num_classes: int, in_channels: int,
     if wrong:
         raise ValueError(f"classifier_checkpoint {path} was trained on other data:\n  - " + "\n  - ".join(wrong)
                          + f"\nTrain the clean classifier on this dataset; {_MAKE_ONE}")
-    model = build_classifier(hp["arch"], num_classes, in_channels=in_channels, image_size=image_size,
-                             width=hp.get("width"))
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ValueError(f"classifier_checkpoint {path}: weights do not fit {hp['arch']} "
-                         f"(width={hp.get('width')}): {str(e)[:300]}") from None
-    return model
+    return classifier_from_weights(hp, weights, name=f"classifier_checkpoint {path}")
 
 
 def target_map(num_classes: int, shift: int = 1, permutation: Sequence[int] | None = None) -> Tensor:

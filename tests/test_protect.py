@@ -1,0 +1,231 @@
+"""`ue protect`: a folder of a data owner's images (classes, odd sizes, grey, RGBA, a corrupt file) to protected PNGs.
+
+One quick-surrogate run is shared by the module (about 20 s at 1 thread); the other tests reuse its
+output or its surrogate checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ue_lightning.cli import main
+from ue_lightning.protect import protect_folder
+
+EPSILON = 8
+#: relative path -> (PIL mode, width, height) of the good images
+GOOD = {
+    "cats/a.jpg": ("RGB", 37, 53),
+    "cats/grey.png": ("L", 40, 31),
+    "cats/sticker.png": ("RGBA", 33, 45),
+    "dogs/d.jpg": ("RGB", 50, 38),
+    "dogs/e.png": ("RGB", 29, 41),
+}
+CORRUPT = "dogs/broken.jpg"
+
+
+def write_photo_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for relative, (mode, w, h) in GOOD.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+        smooth = rng.integers(0, 256, size=(h // 4 + 1, w // 4 + 1, channels), dtype=np.uint8)
+        array = smooth.repeat(4, 0).repeat(4, 1)[:h, :w]  # blocky, photo-like rather than pure noise
+        if mode == "RGBA":
+            array[..., 3] = np.where(np.arange(w) < w // 2, 255, 90)  # half opaque, half see-through
+        image = Image.fromarray(array[..., 0] if channels == 1 else array)
+        image.save(path, quality=95) if path.suffix == ".jpg" else image.save(path)
+    (root / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def load_report(output: Path) -> dict:
+    return json.loads((output / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def protected_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("protect")
+    photos = write_photo_folder(root / "photos")
+    before = tree_hashes(photos)
+    protect_folder(str(photos), str(root / "out"), epsilon=EPSILON, steps=5, device="cpu")
+    return photos, root / "out", before
+
+
+def test_every_good_image_is_protected_at_its_size_and_mode(protected_run):
+    photos, out, before = protected_run
+    for relative, (mode, w, h) in GOOD.items():
+        with Image.open(photos / relative) as clean_file, Image.open(out / Path(relative).with_suffix(".png")) as got:
+            assert got.format == "PNG" and got.mode == mode and got.size == (w, h), relative
+            clean, protected = np.asarray(clean_file, dtype=np.int16), np.asarray(got, dtype=np.int16)
+        colour = slice(0, 3) if mode == "RGBA" else slice(None)
+        delta = protected[..., colour] - clean[..., colour]
+        assert np.abs(delta).max() <= EPSILON, relative
+        assert np.abs(delta).max() > 0, f"{relative} got no noise"
+        if mode == "RGBA":
+            assert np.array_equal(protected[..., 3], clean[..., 3]), "alpha must stay unchanged"
+    assert tree_hashes(photos) == before, "an input file changed"
+
+
+def test_the_report_names_the_corrupt_file_and_measures_every_image(protected_run):
+    _, out, _ = protected_run
+    report = load_report(out)
+    skipped = {e["path"]: e["reason"] for e in report["skipped"]}
+    assert "cannot be decoded" in skipped[CORRUPT]
+    assert skipped["notes.txt"] == "not an image suffix"
+    by_input = {e["input"]: e for e in report["images"]}
+    assert set(by_input) == set(GOOD)
+    for entry in by_input.values():
+        assert 0 < entry["max_abs_delta"] <= EPSILON
+        assert entry["psnr_db"] > 30 and 0.5 < entry["ssim"] <= 1
+    assert {by_input[r]["class"] for r in GOOD} == {"cats", "dogs"}
+    assert report["summary"]["images"] == len(GOOD) and report["summary"]["max_abs_delta"] <= EPSILON
+    assert (out / "grid.png").stat().st_size > 0 and CORRUPT in (out / "report.md").read_text()
+
+
+def test_a_rerun_redoes_only_the_missing_or_damaged_outputs(protected_run, tmp_path):
+    photos, first, _ = protected_run
+    out = tmp_path / "out"
+    shutil.copytree(first, out)
+    (out / "cats/a.png").unlink()  # as if the run had been killed before this image
+    (out / "dogs/e.png").write_bytes(b"\x89PNG\r\n\x1a\n half-written")  # not atomic: must not count as done
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if p.name not in ("e.png", "grid.png")}
+    protect_folder(str(photos), str(out), epsilon=EPSILON, steps=5, device="cpu")
+    status = {e["input"]: e["status"] for e in load_report(out)["images"]}
+    assert status == {r: "protected" if r in ("cats/a.jpg", "dogs/e.png") else "done before" for r in GOOD}
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    with Image.open(out / "dogs/e.png") as redone:
+        assert redone.size == GOOD["dogs/e.png"][1:]
+
+
+def test_a_flat_folder_with_a_checkpoint_is_labelled_by_the_surrogate(protected_run, tmp_path):
+    photos, first, _ = protected_run
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for relative in ("cats/grey.png", "dogs/e.png"):
+        shutil.copy(photos / relative, flat / Path(relative).name)
+    protect_folder(str(flat), str(tmp_path / "out"), checkpoint=str(first / "surrogate.ckpt"), epsilon=4, steps=2,
+                   device="cpu")
+    images = load_report(tmp_path / "out")["images"]
+    assert [e["class"] for e in images] == [None, None] and all(isinstance(e["label"], int) for e in images)
+    assert all(0 < e["max_abs_delta"] <= 4 for e in images)
+
+
+def _ue_error(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["protect", *args])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_an_output_inside_the_input_is_refused(tmp_path, capsys, where):
+    photos = write_photo_folder(tmp_path / "photos")
+    output = photos if where == "same" else photos / "cats" / "protected"
+    err = _ue_error(capsys, "--input", str(photos), "--output", str(output))
+    assert "ue: error: --output" in err and "overlap" in err
+    assert not (photos / "cats" / "protected").exists()
+
+
+@pytest.mark.parametrize("epsilon", ["100", "0.03", "-1", "0"])
+def test_an_epsilon_out_of_range_is_refused(tmp_path, capsys, epsilon):
+    photos = write_photo_folder(tmp_path / "photos")
+    err = _ue_error(capsys, "--input", str(photos), "--output", str(tmp_path / "out"), "--epsilon", epsilon)
+    assert "epsilon=" in err and "out of range" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resuming_with_other_settings_or_into_a_foreign_folder_is_refused(protected_run, tmp_path, capsys):
+    photos, first, _ = protected_run
+    err = _ue_error(capsys, "--input", str(photos), "--output", str(first), "--epsilon", "4", "--steps", "5")
+    assert "other settings" in err and "epsilon: 8.0 before, 4.0 now" in err
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "holiday.png").write_bytes(b"keep me")
+    err = _ue_error(capsys, "--input", str(photos), "--output", str(foreign))
+    assert "not empty" in err and (foreign / "holiday.png").read_bytes() == b"keep me"
+    err = _ue_error(capsys, "--input", str(photos), "--output", str(tmp_path / "o"), "--checkpoint", "none.ckpt")
+    assert "--checkpoint none.ckpt does not exist" in err and not (tmp_path / "o").exists()
+
+
+def test_noise_follows_the_image_size_through_the_surrogate(protected_run):
+    """The CIFAR ResNet ends in adaptive pooling: one surrogate takes every size (here 37x53 and 7x5)."""
+    from ue_lightning.protect.noise import error_minimizing_delta
+    from ue_lightning.protect.surrogate import load_surrogate
+
+    surrogate = load_surrogate(protected_run[1] / "surrogate.ckpt", torch.device("cpu"))
+    for shape in ((3, 53, 37), (1, 7, 5)):
+        clean = torch.randint(0, 256, shape, dtype=torch.uint8)
+        delta = error_minimizing_delta(surrogate, clean, 1, epsilon=6, steps=3, step_size=2)
+        assert delta.shape == shape and delta.dtype == torch.int8 and int(delta.abs().max()) <= 6
+
+
+def test_classwise_noise_is_one_pattern_per_class_stretched_over_each_image(protected_run, tmp_path, capsys):
+    photos, first, _ = protected_run
+    protect_folder(str(photos), str(tmp_path / "out"), method="em-classwise", epsilon=EPSILON, device="cpu")
+    report = load_report(tmp_path / "out")
+    labels = {e["class"]: set() for e in report["images"]}
+    for entry in report["images"]:
+        labels[entry["class"]].add(entry["label"])
+        assert 0 < entry["max_abs_delta"] <= EPSILON, entry["input"]
+    assert labels == {"cats": {0}, "dogs": {1}}
+    with Image.open(tmp_path / "out" / "cats/sticker.png") as got, Image.open(photos / "cats/sticker.png") as clean:
+        assert got.mode == "RGBA" and np.array_equal(np.asarray(got)[..., 3], np.asarray(clean)[..., 3])
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(photos / "cats/a.jpg", flat / "a.jpg")
+    err = _ue_error(capsys, "--input", str(flat), "--output", str(tmp_path / "o1"), "--method", "em-classwise")
+    assert "needs class folders" in err
+    err = _ue_error(capsys, "--input", str(photos), "--output", str(tmp_path / "o2"), "--method", "em-classwise",
+                    "--checkpoint", str(first / "surrogate.ckpt"))  # a sample-wise generator
+    assert "holds no class-wise noise" in err and not (tmp_path / "o2").exists()
+
+
+def test_a_class_pattern_stretches_to_any_size_and_channel_count():
+    from ue_lightning.protect.noise import class_pattern_delta
+
+    pattern = torch.full((3, 4, 4), 6 / 255)
+    pattern[1:] = -6 / 255  # red up, green and blue down
+    rgb = class_pattern_delta(pattern, torch.full((3, 7, 5), 100, dtype=torch.uint8), epsilon=6)
+    assert rgb.shape == (3, 7, 5) and rgb[0].eq(6).all() and rgb[1:].eq(-6).all()
+    grey = class_pattern_delta(pattern, torch.full((1, 9, 3), 100, dtype=torch.uint8), epsilon=6)
+    assert grey.shape == (1, 9, 3) and grey.eq(-2).all()  # the channels' mean
+
+
+def test_images_are_read_as_displayed_and_written_back_in_their_mode(tmp_path):
+    from ue_lightning.protect.images import read_photo, write_png
+
+    palette = Image.new("P", (6, 4))
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.info["transparency"] = 1
+    palette.save(tmp_path / "palette.png", transparency=1)
+    Image.fromarray((np.arange(20, dtype=np.uint16).reshape(4, 5) * 3000)).save(tmp_path / "deep.png")
+    rotated = Image.new("RGB", (6, 4), "green")
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # shown turned by 90 degrees
+    rotated.save(tmp_path / "turned.jpg", exif=exif)
+    photo = read_photo(tmp_path / "palette.png")
+    assert photo.mode == "RGBA" and photo.size == (4, 6) and "mode P written as RGBA" in photo.note
+    deep = read_photo(tmp_path / "deep.png")
+    assert deep.mode == "L" and int(deep.colour.max()) == round(57000 * 255 / 65535)
+    turned = read_photo(tmp_path / "turned.jpg")
+    assert turned.size == (6, 4) and "EXIF orientation applied" in turned.note
+    write_png(photo, tmp_path / "out.png")
+    with Image.open(tmp_path / "out.png") as back:
+        assert back.mode == "RGBA" and np.array_equal(np.asarray(back).transpose(2, 0, 1),
+                                                      torch.cat([photo.colour, photo.alpha]).numpy())
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file left"

@@ -1,0 +1,166 @@
+"""The quick surrogate ``ue protect`` trains on the folder itself when no ``--checkpoint`` is given.
+
+The package's own :class:`~ue_lightning.modules.ErrorMinimizingNoise`, fitted on at most
+``MAX_IMAGES`` of the images (class-stratified, seeded), ResNet-18 at width 16, saved as a
+Lightning checkpoint that :mod:`.surrogate` reads like any other:
+
+* ``samplewise`` (``--method em``): trained on ``CROPS_PER_IMAGE`` random 32x32 crops of
+  each image at its own pixel scale, since the noise is then made by PGD at full size: the
+  surrogate should see pixels as they are, not shrunk photos;
+* ``classwise`` (``--method em-classwise``): trained on each whole image squeezed to 32x32,
+  since its class patterns are then stretched over whole images: a victim that shrinks the
+  image to its input size sees about the pattern the surrogate learned.
+
+Labels are the class folders; a flat folder (sample-wise only) uses k-means clusters of
+16x16 thumbnails, having no others.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from ue_lightning.data.datamodule import stratified_subset
+from ue_lightning.protect.images import ImageJob, UnreadableImage, read_photo
+from ue_lightning.scratch import atomic_write_bytes, scratch_dir
+
+WORKING_SIZE = 32  # side of the training images, pixels
+CROPS_PER_IMAGE = 4
+MAX_IMAGES = 512  # images the quick surrogate trains on at most (its cost is bounded, not the folder's)
+WIDTH = 16  # first-stage width of its ResNet-18 (the standard one is 64)
+MAX_ROUNDS = 10  # EM rounds at most (each: 10 SGD steps, then one noise pass)
+
+
+def working_crops(colour: Tensor, size: int, count: int, generator: torch.Generator) -> Tensor:
+    """uint8 (count, 3, size, size): random crops of one image (C, H, W) at its own scale, grey repeated to RGB.
+
+    An image with a side shorter than ``size`` is first enlarged so that side is ``size``.
+    """
+    image = colour.expand(3, -1, -1)
+    if min(image.shape[1:]) < size:
+        image = TF.resize(image, [size], antialias=True)
+    h, w = image.shape[1:]
+    tops = torch.randint(0, h - size + 1, (count,), generator=generator).tolist()
+    lefts = torch.randint(0, w - size + 1, (count,), generator=generator).tolist()
+    return torch.stack([image[:, t:t + size, left:left + size] for t, left in zip(tops, lefts)])
+
+
+def squeezed(colour: Tensor, size: int) -> Tensor:
+    """uint8 (3, size, size): the whole image (C, H, W) resized to a square (aspect not kept), grey repeated."""
+    return TF.resize(colour.expand(3, -1, -1), [size, size], antialias=True)
+
+
+def cluster_labels(thumbnails: Tensor, seed: int, max_classes: int = 10) -> np.ndarray:
+    """int64 (N,): k-means clusters (k = min(max_classes, N)) of uint8 thumbnails (N, 3, s, s)."""
+    from sklearn.cluster import KMeans
+
+    k = min(max_classes, len(thumbnails))
+    features = thumbnails.flatten(1).float().numpy() / 255.0
+    return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(features).astype(np.int64)
+
+
+def training_images(jobs: list[ImageJob], classes: list[str], mode: Literal["samplewise", "classwise"],
+                    seed: int) -> tuple[Tensor, np.ndarray]:
+    """``(uint8 (N, 3, 32, 32), int64 labels (N,))``: what the quick surrogate trains on (see the module doc)."""
+    labels = torch.tensor([classes.index(j.class_name) if classes else 0 for j in jobs], dtype=torch.int64)
+    if len(jobs) > MAX_IMAGES:
+        jobs = [jobs[i] for i in stratified_subset(labels, MAX_IMAGES, seed).tolist()]
+    generator = torch.Generator().manual_seed(seed)
+    images, image_labels, thumbnails = [], [], []
+    for job in tqdm(jobs, desc="reading", unit="img", file=sys.stderr):
+        try:
+            colour = read_photo(job.source).colour
+        except UnreadableImage:
+            continue  # reported by the main pass
+        if mode == "samplewise":
+            images.append(working_crops(colour, WORKING_SIZE, CROPS_PER_IMAGE, generator))
+        else:
+            images.append(squeezed(colour, WORKING_SIZE).unsqueeze(0))
+        image_labels.append(classes.index(job.class_name) if classes else -1)
+        thumbnails.append(squeezed(colour, 16))
+    if not images:
+        raise ValueError("no readable image to train a quick surrogate on: see the files named above")
+    per_image = np.asarray(image_labels) if classes else cluster_labels(torch.stack(thumbnails), seed)
+    return torch.cat(images), np.repeat(per_image, len(images[0]))
+
+
+def train_quick_surrogate(images: Tensor, labels: np.ndarray, checkpoint: Path, *,
+                          mode: Literal["samplewise", "classwise"], epsilon: float, seed: int,
+                          accelerator: str = "auto") -> Path:
+    """Fit EM on ``images`` (uint8 (N, 3, s, s)) with ``labels`` and save it to ``checkpoint``, atomically.
+
+    ``epsilon`` in 1/255 units; steps of a tenth of it (EM's ratio): 10 a noise pass, from the
+    stored noise (sample-wise) or from the class noise, whose new value is its samples' mean
+    over the whole set (class-wise). The pass descends the logit margin: a surrogate learns a
+    small folder's clean images in one round, and cross-entropy's gradient is then exactly
+    zero for them in float32 (no noise at all for whole classes).
+    """
+    import lightning as L
+
+    from ue_lightning.data import UEDataModule
+    from ue_lightning.modules import ErrorMinimizingNoise
+
+    if len(np.unique(labels)) < 2:
+        raise ValueError("a quick surrogate needs images of at least two classes (or two images in a flat folder): "
+                         "add images, or pass --checkpoint")
+    size = images.shape[-1]
+    work = scratch_dir(checkpoint, ".train")
+    try:
+        data = work / "images.npz"
+        nhwc = images.permute(0, 2, 3, 1).numpy()
+        np.savez(data, x_train=nhwc, y_train=labels, x_test=nhwc[:1], y_test=labels[:1])
+        dm = UEDataModule("npz", root=str(data), batch_size=min(64, len(images)), augment=False, seed=seed)
+        em = ErrorMinimizingNoise(num_classes=int(labels.max()) + 1, in_channels=3, image_size=size, width=WIDTH,
+                                  mode=mode, epsilon=epsilon, step_size=epsilon / 10, steps=10, train_steps=10,
+                                  max_rounds=MAX_ROUNDS, eot_padding=size // 8, classwise_subset=1.0,
+                                  noise_loss="logit_margin", seed=seed)
+        with _quiet_lightning():
+            trainer = L.Trainer(max_epochs=-1, accelerator=accelerator, devices=1, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                default_root_dir=str(work), inference_mode=False)
+            trainer.fit(em, datamodule=dm)
+            trainer.save_checkpoint(work / "surrogate.ckpt")
+        atomic_write_bytes(checkpoint, (work / "surrogate.ckpt").read_bytes())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return checkpoint
+
+
+def fit_quick_surrogate(jobs: list[ImageJob], classes: list[str], checkpoint: Path, *,
+                        mode: Literal["samplewise", "classwise"], epsilon: float, seed: int,
+                        device: torch.device) -> Path:
+    """Read the training images of ``jobs``, fit the quick surrogate, save it to ``checkpoint``."""
+    images, labels = training_images(jobs, classes, mode, seed)
+    print(f"training a quick {mode} surrogate on {len(images)} images of {WORKING_SIZE}x{WORKING_SIZE} "
+          f"({len(np.unique(labels))} classes) ...", file=sys.stderr, flush=True)
+    return train_quick_surrogate(images, labels, checkpoint, mode=mode, epsilon=epsilon, seed=seed,
+                                 accelerator="cpu" if device.type == "cpu" else "auto")
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's INFO lines (devices, stop reasons) and its small-data warnings, silenced for a run."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            for noise in ("does not have many workers", "is smaller than the logging", "no `validation_step`",
+                          "LeafSpec"):
+                warnings.filterwarnings("ignore", message=f".*{noise}")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

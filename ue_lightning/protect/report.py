@@ -1,0 +1,98 @@
+"""What ``ue protect`` did, beside its output: ``report.json``, ``report.md`` and ``grid.png``.
+
+Per image: max |delta| (1/255 units), PSNR (dB) and SSIM of the protected colour channels
+against the clean ones (pixels in [0, 1]; alpha is never changed), computed from the
+files as written. Overall: the same, summarised, and every file left out with its reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from ue_lightning.grid import perturbation_grid, titled
+from ue_lightning.scratch import atomic_write_bytes
+
+REPORT_FILES = ("report.json", "report.md", "grid.png")
+SSIM_MIN_SIDE = 11  # the Gaussian window of SSIM
+
+
+def image_quality(clean: Tensor, protected: Tensor) -> dict[str, float | int | None]:
+    """``max_abs_delta`` (1/255 units), ``psnr_db`` and ``ssim`` of uint8 (C, H, W) images.
+
+    PSNR is None (infinite) for identical images; SSIM is None below 11 pixels a side.
+    """
+    delta = protected.to(torch.int16) - clean.to(torch.int16)
+    x, p = clean.unsqueeze(0).float() / 255.0, protected.unsqueeze(0).float() / 255.0
+    identical = not bool(delta.any())
+    psnr = None if identical else float(peak_signal_noise_ratio(p, x, data_range=1.0))
+    ssim = None
+    if min(clean.shape[1:]) >= SSIM_MIN_SIDE:
+        ssim = float(structural_similarity_index_measure(p, x, data_range=1.0))
+    return {"max_abs_delta": int(delta.abs().max()), "psnr_db": psnr, "ssim": ssim}
+
+
+def summary(images: list[dict[str, Any]]) -> dict[str, Any]:
+    """Overall figures of the per-image entries (None where no image has the figure)."""
+    def values(key: str) -> list[float]:
+        return [e[key] for e in images if e.get(key) is not None]
+
+    def stat(fn, key: str):
+        found = values(key)
+        return round(fn(found), 4) if found else None
+
+    return {
+        "images": len(images),
+        "protected_now": sum(e["status"] == "protected" for e in images),
+        "done_before": sum(e["status"] == "done before" for e in images),
+        "max_abs_delta": max(values("max_abs_delta"), default=None),
+        "psnr_db_mean": stat(lambda v: sum(v) / len(v), "psnr_db"),
+        "psnr_db_min": stat(min, "psnr_db"),
+        "ssim_mean": stat(lambda v: sum(v) / len(v), "ssim"),
+        "ssim_min": stat(min, "ssim"),
+    }
+
+
+def _cell(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The short human-readable form of ``report``."""
+    s, settings = report["summary"], report["settings"]
+    lines = [
+        "# ue protect report", "",
+        f"{s['images']} images protected ({s['protected_now']} in this run, {s['done_before']} before), "
+        f"{len(report['skipped'])} left out; method {settings['method']}, epsilon {settings['epsilon']}/255, "
+        f"{settings['steps']} steps; surrogate {report['surrogate']}.", "",
+        "| | max abs delta (1/255) | PSNR (dB) | SSIM |", "|---|---|---|---|",
+        f"| mean | - | {_cell(s['psnr_db_mean'])} | {_cell(s['ssim_mean'], 4)} |",
+        f"| worst | {_cell(s['max_abs_delta'])} | {_cell(s['psnr_db_min'])} | {_cell(s['ssim_min'], 4)} |", "",
+        "![clean | noise | protected](grid.png)", "",
+    ]
+    if report["skipped"]:
+        lines += ["## Left out", ""] + [f"- `{e['path']}`: {e['reason']}" for e in report["skipped"]] + [""]
+    lines += ["Per image: report.json."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(output_dir: Path, report: dict[str, Any], grid_samples: list[tuple[Tensor, Tensor]],
+                 epsilon: float) -> None:
+    """Write ``report.json``, ``report.md`` and (when there are samples) ``grid.png`` into ``output_dir``.
+
+    ``grid_samples``: ``(clean uint8 (C, H, W), int8 delta (C, H, W))`` pairs, colour channels only.
+    """
+    report = {**report, "summary": summary(report["images"])}
+    atomic_write_bytes(output_dir / "report.json", json.dumps(report, indent=2).encode())
+    atomic_write_bytes(output_dir / "report.md", markdown(report).encode())
+    if grid_samples:
+        grid = perturbation_grid([c for c, _ in grid_samples], [d for _, d in grid_samples], epsilon)
+        png = io.BytesIO()
+        titled(grid, epsilon).save(png, format="PNG")
+        atomic_write_bytes(output_dir / "grid.png", png.getvalue())

@@ -1,0 +1,82 @@
+"""The surrogate ``ue protect`` makes noise with, read from a checkpoint (a released one, or the quick one).
+
+Any checkpoint of the package's modules that hold a classifier as ``self.model`` serves
+(an :class:`~ue_lightning.modules.ErrorMinimizingNoise` or
+:class:`~ue_lightning.modules.RobustNoiseGenerator` fit, or a victim). The CIFAR forms end
+in adaptive average pooling, and the torchvision forms too, so a surrogate trained at
+32x32 takes an image of any size. Class-wise noise comes from the noise state of a
+class-wise ``ErrorMinimizingNoise`` checkpoint (:func:`load_class_noise`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ue_lightning.models.checkpoint import classifier_from_weights, read_classifier_checkpoint
+
+SURROGATES = "ErrorMinimizingNoise or RobustNoiseGenerator (ue fit --config configs/generator/em-*.yaml)"
+FIX = ("pass the last.ckpt of a generator fit, or leave --checkpoint out to train a quick surrogate on the "
+       "folder itself")
+
+
+def match_channels(x: Tensor, channels: int) -> Tensor:
+    """``x`` (B, 1 or 3, H, W) as a model with ``channels`` inputs sees it, differentiably.
+
+    Grey is repeated to RGB; RGB is averaged to grey. So noise stays in the image's own
+    channels whatever the surrogate was trained on.
+    """
+    if x.shape[1] == channels:
+        return x
+    if channels == 1:
+        return x.mean(dim=1, keepdim=True)
+    return x.expand(-1, channels, -1, -1) if x.shape[1] == 1 else x[:, :channels]
+
+
+@dataclass
+class Surrogate:
+    """A frozen classifier in eval mode (pixels in [0, 1] -> logits), on ``device``.
+
+    Attributes:
+        model: the classifier; its parameters do not require gradients.
+        num_classes: its number of logits.
+        in_channels: the channels it was trained on (images are matched to them).
+        source: where it came from (a checkpoint path).
+    """
+
+    model: nn.Module
+    num_classes: int
+    in_channels: int
+    source: str
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Logits (B, num_classes) of images (B, 1 or 3, H, W) in [0, 1]."""
+        return self.model(match_channels(x, self.in_channels))
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """int64 (B,): the predicted class of each image."""
+        return self(x).argmax(dim=1)
+
+
+def load_surrogate(path: str | Path, device: torch.device) -> Surrogate:
+    """The frozen surrogate of the checkpoint at ``path`` (read with ``weights_only=True``)."""
+    hp, weights = read_classifier_checkpoint(path, name="--checkpoint", expected=SURROGATES, fix=FIX)
+    model = classifier_from_weights(hp, weights, name=f"--checkpoint {path}")
+    model.eval().requires_grad_(False).to(device)
+    return Surrogate(model, int(hp["num_classes"]), int(hp["in_channels"]), str(path))
+
+
+def load_class_noise(path: str | Path) -> Tensor:
+    """float (K, C, h, w), pixel units: the class noise of a class-wise ``ErrorMinimizingNoise`` checkpoint."""
+    from ue_lightning.modules.em import CHECKPOINT_KEY
+
+    state = torch.load(path, map_location="cpu", weights_only=True).get(CHECKPOINT_KEY) or {}
+    if state.get("mode") != "classwise" or state.get("noise") is None:
+        raise ValueError(f"--checkpoint {path} holds no class-wise noise (--method em-classwise needs the last.ckpt of "
+                         "`ue fit --config configs/generator/em-classwise-*.yaml`): use --method em with it, or "
+                         "leave --checkpoint out to train a quick class-wise generator on the folder")
+    return state["noise"].float()
