@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from ue_lightning.grid import perturbation_grid, titled
+from ue_lightning.pictures import perturbation_grid, titled
 from ue_lightning.scratch import atomic_write_bytes
 
 REPORT_FILES = ("report.json", "report.md", "grid.png")

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from ue_lightning.callbacks import GRID_TAG
 from ue_lightning.data import UEDataModule
-from ue_lightning.grid import PADDING, noise_picture, perturbation_grid
+from ue_lightning.pictures import PADDING, noise_picture, perturbation_grid
 from ue_lightning.modules import RandomNoise
 
 
