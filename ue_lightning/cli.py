@@ -15,7 +15,7 @@ import sys
 
 from ue_lightning.lightning_cli import UECLI, build_cli  # noqa: F401  (re-exported: tests and callers use ue_lightning.cli)
 
-EXTRA_COMMANDS = ("export", "pipeline")
+EXTRA_COMMANDS = ("export", "pipeline", "grid")
 
 TOP_HELP = """usage: ue COMMAND [options]    (ue COMMAND --help: that command's options)
 
@@ -28,6 +28,7 @@ commands:
   predict    write a fitted generator's noise over the train split to a noise file
   export     apply a noise file to a dataset and write the protected images (png or CIFAR batches)
   pipeline   score estimator -> generators -> noise files -> victims -> accuracy table, in one go
+  grid       run a YAML grid of cells (the papers' tables) resumably, here or on SLURM, and render it
 
 examples:
   ue pipeline                                        # everything on the embedded digits, ~3 min
@@ -70,6 +71,10 @@ def _run(argv: list[str] | None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(TOP_HELP, end="")
         return
+    if args[0] == "grid":
+        from ue_lightning.grid import main as grid_main
+
+        return grid_main(args[1:])
     if args[0] in EXTRA_COMMANDS:
         from jsonargparse import CLI
 
