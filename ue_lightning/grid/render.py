@@ -21,12 +21,13 @@ METRICS = {"test_acc": "clean test accuracy", "train_acc": "train accuracy (last
 
 
 def collect(grid: Grid) -> list[dict]:
-    """The metrics of the grid's finished cells (cells of other grids or older settings are ignored)."""
+    """The metrics of the grid's finished cells, with this grid's names for their coordinates (another grid
+    sharing the output folder may have made a cell under its own names); other cells in the folder are ignored."""
     results = []
     for cell in grid.cells:
         path = grid.victim(cell).result
         if path.exists():
-            results.append(json.loads(path.read_text()))
+            results.append({**json.loads(path.read_text()), **cell})
     return results
 
 

@@ -3,9 +3,11 @@
 A cell is one victim: (dataset, noise source, surrogate, victim, adversarial radius, defence,
 protected fraction, seed). The stages behind it are the score model (data collapse only),
 the noise generator (fit + predict, one noise file) and the victim (fit + test). Every stage
-is named by a hash of its resolved settings (the parsed YAML of its configs, its overrides
-and the stages it reads), so cells that share a generator share its noise file, a changed
-config makes new stages instead of reusing stale ones, and reordering a grid changes nothing.
+is named by a hash of its resolved settings (the parsed YAML of its configs, the overrides
+that change them and the stages it reads) and lives in ``<output>/{score,noise,cells}/<hash>``:
+cells that share a generator share its noise file, grids that share an output folder share
+their common stages, a changed config makes new stages instead of reusing stale ones, and
+renaming or reordering the entries of a grid changes nothing.
 """
 
 from __future__ import annotations
@@ -176,6 +178,26 @@ def _checkpoint_settings(configs: list[dict]) -> dict:
     return out
 
 
+_MISSING = object()
+
+
+def _lookup(contents: list[dict], dotted: str) -> Any:
+    """The value the configs (the last that sets it) give a dotted key, or ``_MISSING``."""
+    for content in reversed(contents):
+        node: Any = content
+        for part in dotted.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            return node
+    return _MISSING
+
+
+def _changes(overrides: dict, contents: list[dict]) -> dict:
+    """The overrides that change what the configs say: ``arch: resnet18`` on a ResNet-18 config is no change, so a
+    grid that names the surrogate shares its noise file with one that does not."""
+    return {k: v for k, v in overrides.items() if _lookup(contents, k) != v}
+
+
 def _needs_score(generator: dict) -> bool:
     return "score_checkpoint" in (((generator.get("model") or {}).get("init_args")) or {})
 
@@ -247,10 +269,11 @@ class _Planner:
         elif _needs_score(content) and "model.init_args.score_checkpoint" not in overrides:
             raise ValueError(f"grid: source {cell['source']!r}: {source['generator']} uses a score model; give the "
                              "source a `score:` config (the grid fits it once and passes its checkpoint)")
+        overrides = _changes(overrides, [content])
         key = stable_hash({"generator": content, "args": overrides})
         label = cell["source"] + (f"-{cell['surrogate']}" if cell["surrogate"] else "")
         return self._add(Stage("generator", key, f"noise {label} ({cell['dataset']})",
-                               str(self.output / "noise" / f"{label}-{key}"), [path], cli_args(overrides),
+                               str(self.output / "noise" / key), [path], cli_args(overrides),
                                self.cwd, needs, _checkpoint_settings([content])))
 
     def victim(self, cell: dict, dataset: dict, victim: dict, victim_args: dict, noise: Stage | None) -> Stage:
@@ -267,8 +290,9 @@ class _Planner:
         if noise is not None:
             overrides["data.perturbation"] = str(noise.result)
             overrides["data.protected_fraction"] = cell["protected_fraction"]
+        overrides = _changes(overrides, contents)
         key = stable_hash({"configs": contents, "args": overrides, "noise": noise.key if noise else None})
-        return self._add(Stage("victim", key, describe(cell), str(self.output / "cells" / f"{cell['source']}-{key}"),
+        return self._add(Stage("victim", key, describe(cell), str(self.output / "cells" / key),
                                paths, cli_args(overrides), self.cwd, [noise.key] if noise else [],
                                _checkpoint_settings(contents), cell={k: cell[k] for k in AXES}))
 

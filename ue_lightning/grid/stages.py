@@ -59,9 +59,10 @@ def _trains(model) -> bool:
 
 def _callbacks(stage: Stage) -> str:
     """The stage's own checkpoint (its config's rhythm, in the stage's folder) in place of the config's callbacks."""
-    # One file, `last.ckpt`, overwritten at each save (with save_top_k 0 this Lightning saves no periodic last.ckpt).
+    # One file, `last.ckpt`, overwritten at each save (with save_top_k 0 this Lightning saves no periodic last.ckpt),
+    # at the end of each train epoch even when validation is rare or never runs.
     settings = {"dirpath": str(stage.checkpoint.parent), "filename": stage.checkpoint.stem, "save_top_k": 1,
-                "enable_version_counter": False, **stage.checkpoint_every}
+                "enable_version_counter": False, "save_on_train_epoch_end": True, **stage.checkpoint_every}
     return json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": settings}])
 
 
