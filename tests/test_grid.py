@@ -21,6 +21,7 @@ from ue_lightning.grid import load_grid, run_grid
 from ue_lightning.grid.execute import run_local
 from ue_lightning.grid.render import markdown, render
 from ue_lightning.grid.spec import select, stages_for
+from ue_lightning.models import ARCHITECTURES
 
 TINY_VICTIM = {"config": str(REPO / "configs/victim/resnet18-cpu.yaml"),
                "args": {"model.init_args.width": 4, "trainer.max_epochs": 1}}
@@ -113,7 +114,7 @@ def test_expansion_shares_generators_and_score(tmp_path):
     assert all(str(score.checkpoint) in g.args for g in generators[2:])
     assert any("vgg16" in g.args for g in generators) and grid.order["surrogate"] == ["resnet18", "vgg16"]
     assert load_grid(grid.path).stages.keys() == grid.stages.keys()  # stable
-    picked = select(grid, ["source=collapse", "surrogate=vgg16", "seed=1", "protected_fraction=0.5"])
+    picked = select(grid, ["source=collapse", "surrogate=vgg16", "seed=1", "protected_fraction=0.50"])
     assert len(picked) == 2 and {c["adv_radius"] for c in picked} == {0, 8}
     assert [s.kind for s in stages_for(grid, picked)] == ["score", "generator", "victim", "victim"]
     with pytest.raises(ValueError, match="AXIS=VALUE"):
@@ -215,3 +216,8 @@ def test_shipped_grids_expand(path, monkeypatch):
     grid = load_grid(path)
     assert grid.cells and all(os.path.isfile(c) for s in grid.stages.values() for c in s.configs)
     assert grid.output.parent == REPO / "runs" / "grids"
+    for stage in grid.stages.values():  # overrides name real settings and architectures
+        keys = stage.args[::2]
+        assert all(k.split(".")[0] in ("--data", "--model", "--trainer", "--seed_everything") for k in keys), keys
+        if "--model.init_args.arch" in keys:
+            assert stage.args[stage.args.index("--model.init_args.arch") + 1] in ARCHITECTURES

@@ -356,13 +356,19 @@ def select(grid: Grid, only: list[str] | None) -> list[dict]:
         axis, sep, values = condition.partition("=")
         if not sep or axis not in AXES:
             raise ValueError(f"--only {condition!r}: expected AXIS=VALUE[,VALUE...] with AXIS one of {', '.join(AXES)}")
-        wanted = set(values.split(","))
-        cells = [c for c in cells if c[axis] is None or _text(c[axis]) in wanted]
+        wanted = values.split(",")
+        cells = [c for c in cells if c[axis] is None or any(_same(c[axis], w) for w in wanted)]
     return cells
 
 
-def _text(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+def _same(value: Any, text: str) -> bool:
+    """A cell's value against a command-line one: ``1``, ``1.0`` and ``1.00`` are one radius."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(text) == float(value)
+        except ValueError:
+            return False
+    return str(value) == text
 
 
 def stages_for(grid: Grid, cells: list[dict]) -> list[Stage]:
