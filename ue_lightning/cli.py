@@ -16,7 +16,7 @@ import sys
 
 from ue_lightning.lightning_cli import UECLI, build_cli  # noqa: F401  (re-exported: tests and callers use ue_lightning.cli)
 
-EXTRA_COMMANDS = ("export", "pipeline", "protect")
+EXTRA_COMMANDS = ("export", "pipeline", "protect", "grid")
 
 TOP_HELP = """usage: ue COMMAND [options]    (ue COMMAND --help: that command's options)
 
@@ -30,6 +30,7 @@ commands:
   export     apply a noise file to a dataset and write the protected images (png or CIFAR batches)
   pipeline   score estimator -> generators -> noise files -> victims -> accuracy table, in one go
   protect    protect a folder of your own images: lossless PNGs at their own size, and a report
+  grid       run a YAML grid of cells (the papers' tables) resumably, here or on SLURM, and render it
 
 examples:
   ue pipeline                                        # everything on the embedded digits, ~3 min
@@ -73,6 +74,10 @@ def _run(argv: list[str] | None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(TOP_HELP, end="")
         return
+    if args[0] == "grid":
+        from ue_lightning.grid import main as grid_main
+
+        return grid_main(args[1:])
     if args[0] in EXTRA_COMMANDS:
         from jsonargparse import CLI
 

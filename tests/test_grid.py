@@ -1,0 +1,223 @@
+"""`ue grid`: a grid file expands into cells, runs them resumably, renders the table, and submits to SLURM.
+
+The end-to-end test runs two tiny cells (clean and uniform-noise data, a width-4 ResNet-18 for
+one epoch on a fake .npz); the SLURM test checks the calls submitit would receive (there is no
+cluster here); every shipped grid in grids/ is expanded without running it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from unittest.mock import MagicMock
+
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import REPO, run_ue
+from ue_lightning.grid import load_grid, run_grid
+from ue_lightning.grid.execute import run_local
+from ue_lightning.grid.render import markdown, render
+from ue_lightning.grid.spec import select, stages_for
+from ue_lightning.models import ARCHITECTURES
+
+TINY_VICTIM = {"config": str(REPO / "configs/victim/resnet18-cpu.yaml"),
+               "args": {"model.init_args.width": 4, "trainer.max_epochs": 1}}
+
+
+def _npz_dataset(npz: Path) -> dict:
+    return {"config": str(REPO / "configs/data/cifar10-npz-cpu.yaml"),
+            "args": {"data.root": str(npz), "data.train_subset": None, "data.batch_size": 32}}
+
+
+def _write(path: Path, grid: dict) -> Path:
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+def test_two_cells_run_resume_and_render(tmp_path, fake_npz, capsys):
+    grid_file = _write(tmp_path / "tiny.yaml", {
+        "output": str(tmp_path / "out"),
+        "datasets": {"fake": _npz_dataset(fake_npz)},
+        "sources": {"clean": None, "random": str(REPO / "configs/generator/random-cifar10-npz-cpu.yaml")},
+        "victims": {"r18w4": TINY_VICTIM}})
+    run_grid(str(grid_file))
+    grid = load_grid(grid_file)
+    assert [c["source"] for c in grid.cells] == ["clean", "random"]
+    clean, protected = (grid.victim(c) for c in grid.cells)
+    for stage in (clean, protected):
+        folder = Path(stage.folder)
+        assert {"config.yaml", "metrics.json", "fit.json"} <= {p.name for p in folder.iterdir()}
+        assert stage.checkpoint.is_file()
+        resolved = yaml.safe_load((folder / "config.yaml").read_text())
+        assert resolved["model"]["init_args"]["width"] == 4 and resolved["trainer"]["max_epochs"] == 1
+    noise = Path(grid.stages[protected.needs[0]].result)
+    assert yaml.safe_load((Path(protected.folder) / "config.yaml").read_text())["data"]["perturbation"] == str(noise)
+    metrics = {s.cell["source"]: json.loads(s.result.read_text()) for s in (clean, protected)}
+    assert metrics["random"]["protected_fraction"] == 1.0 and metrics["clean"]["protected_fraction"] is None
+    assert all(0 <= m["test_acc"] <= 1 and 0 <= m["train_acc"] <= 1 for m in metrics.values())
+
+    # a crash lost the protected cell: the rerun makes it again and touches neither the clean cell nor the noise
+    before = {p: p.stat().st_mtime_ns for p in (clean.result, clean.checkpoint, noise)}
+    for path in Path(protected.folder).rglob("*"):
+        if path.is_file():
+            path.unlink()
+    capsys.readouterr()
+    proc = run_ue("grid", "run", str(grid_file), "--jobs", "2", env={"OMP_NUM_THREADS": "1"})
+    assert "2 cells (1 done), 1 stages to run" in proc.stdout
+    assert proc.stdout.count("start ") == 1 and "start random -> r18w4 on fake" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert protected.result.is_file()
+
+    md = (tmp_path / "out" / "tiny.md").read_text()
+    results = [json.loads(s.result.read_text()) for s in (clean, protected)]
+    expected = [f"| {r['source']} | {100 * r['test_acc']:.1f} (1) |" for r in results]
+    assert "2 of 2 cells done" in md and "| noise source | all |" in md and all(line in md for line in expected)
+    assert md in proc.stdout
+    csv_lines = (tmp_path / "out" / "tiny.csv").read_text().splitlines()
+    assert csv_lines[0] == "noise_source,n,test_acc_mean,test_acc_std,train_acc_mean,train_acc_std"
+    assert [line.split(",")[:3] for line in csv_lines[1:]] == [
+        [r["source"], "1", f"{r['test_acc']:.4f}"] for r in results]
+    with Image.open(tmp_path / "out" / "tiny.png") as picture:
+        assert picture.format == "PNG" and picture.width > 300
+
+
+def _fake_grid(tmp_path: Path) -> Path:
+    """A grid of real configs (never run here): clean and two generators, one with a score model."""
+    return _write(tmp_path / "g.yaml", {
+        "name": "g", "output": str(tmp_path / "out"),
+        "datasets": {"digits": {"config": str(REPO / "configs/data/digits.yaml"), "args": {"data.resize": 16}}},
+        "sources": {"clean": None,
+                    "em": str(REPO / "configs/generator/em-classwise-{dataset}.yaml"),
+                    "collapse": {"generator": str(REPO / "configs/generator/collapse-{dataset}.yaml"),
+                                 "score": str(REPO / "configs/score/{dataset}.yaml")}},
+        "surrogates": ["resnet18", "vgg16"],
+        "victims": {"r18": str(REPO / "configs/victim/digits.yaml")},
+        "adv_radii": [0, 8], "protected_fractions": [0.5, 1.0], "seeds": [0, 1],
+        "parts": [{}, {"sources": ["clean"], "seeds": [2], "victim_args": {"trainer.max_epochs": 3}}],
+        "slurm": {"all": {"slurm_partition": "gpu", "timeout_min": 60, "gpus_per_node": 2, "cpus_per_task": 4},
+                  "victim": {"timeout_min": 30, "slurm_additional_parameters": {"qos": "low"}}}})
+
+
+def test_expansion_shares_generators_and_score(tmp_path):
+    grid = load_grid(_fake_grid(tmp_path))
+    kinds = [s.kind for s in grid.stages.values()]
+    # clean: 2 radii x 2 seeds (no surrogate, no protected share) + 2 radii of seed 2 (the second part);
+    # each generator: 2 surrogates x 2 radii x 2 shares x 2 seeds
+    assert len(grid.cells) == 4 + 2 + 2 * 16
+    assert kinds == ["score"] + ["generator"] * 4 + ["victim"] * len(grid.cells)
+    generators = [s for s in grid.stages.values() if s.kind == "generator"]
+    score = next(s for s in grid.stages.values() if s.kind == "score")
+    assert [g.needs for g in generators] == [[], [], [score.key], [score.key]]
+    assert all(str(score.checkpoint) in g.args for g in generators[2:])
+    assert any("vgg16" in g.args for g in generators) and grid.order["surrogate"] == ["resnet18", "vgg16"]
+    assert load_grid(grid.path).stages.keys() == grid.stages.keys()  # stable
+    picked = select(grid, ["source=collapse", "surrogate=vgg16", "seed=1", "protected_fraction=0.50"])
+    assert len(picked) == 2 and {c["adv_radius"] for c in picked} == {0, 8}
+    assert [s.kind for s in stages_for(grid, picked)] == ["score", "generator", "victim", "victim"]
+    with pytest.raises(ValueError, match="AXIS=VALUE"):
+        select(grid, ["bogus=1"])
+
+
+def test_grid_errors_name_the_fix(tmp_path):
+    base = {"datasets": {"d": str(REPO / "configs/data/digits.yaml")},
+            "victims": {"v": str(REPO / "configs/victim/digits.yaml")}}
+    with pytest.raises(ValueError, match="score"):  # collapse without its score model
+        load_grid(_write(tmp_path / "a.yaml", {**base, "sources": {
+            "c": str(REPO / "configs/generator/collapse-digits.yaml")}}))
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_grid(_write(tmp_path / "b.yaml", {**base, "sources": {"clean": None}, "seed": [0]}))
+    with pytest.raises(FileNotFoundError, match="relative to the directory"):
+        load_grid(_write(tmp_path / "c.yaml", {**base, "sources": {"x": "configs/generator/nope.yaml"}}))
+
+
+def test_table_mean_std_over_seeds(tmp_path):
+    """Fake results in the cells' folders: the table averages seeds and shows clean in every share's column."""
+    grid = load_grid(_fake_grid(tmp_path))
+    accuracy = {("clean", 0): [0.9, 0.8], ("em", 0): [0.2, 0.3], ("em", 8): [0.5]}
+    for cell in grid.cells:
+        values = accuracy.get((cell["source"], cell["adv_radius"]))
+        if values and cell["seed"] < len(values) and cell["surrogate"] in (None, "resnet18") \
+                and cell["protected_fraction"] in (None, 1.0):
+            result = grid.victim(cell).result
+            result.parent.mkdir(parents=True)
+            result.write_text(json.dumps({**cell, "test_acc": values[cell["seed"]], "train_acc": 1.0}))
+    md = markdown(grid, [json.loads(grid.victim(c).result.read_text()) for c in grid.cells
+                         if grid.victim(c).done()])
+    assert ("| noise source | rho_a=0, protected=0.5 | rho_a=0, protected=1 | rho_a=8, protected=0.5 | "
+            "rho_a=8, protected=1 |") in md
+    assert "| clean | 85.0 ± 7.1 (2) | 85.0 ± 7.1 (2) | - | - |" in md
+    assert "| em (resnet18) | - | 25.0 ± 7.1 (2) | - | 50.0 (1) |" in md
+    assert "| collapse (vgg16) | - | - | - | - |" in md
+    paths = render(grid)
+    assert paths["picture"].stat().st_size > 0 and len(paths["csv"].read_text().splitlines()) == 1 + 4
+
+
+def test_slurm_submits_one_job_a_stage_with_dependencies(tmp_path, monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    from ue_lightning.grid.slurm import StageJob
+
+    grid_file = _fake_grid(tmp_path)
+    grid = load_grid(grid_file)
+    done = grid.victim(grid.cells[0])
+    done.result.parent.mkdir(parents=True)
+    done.result.write_text("{}")  # finished before: not submitted again
+    executor = MagicMock()
+    executor.submit.side_effect = [MagicMock(job_id=str(100 + i)) for i in range(len(grid.stages))]
+    auto = MagicMock(return_value=executor)
+    monkeypatch.setattr(submitit, "AutoExecutor", auto)
+    run_grid(str(grid_file), executor="slurm", only=["source=clean,collapse", "surrogate=vgg16", "seed=0"])
+
+    auto.assert_called_once_with(folder=str(tmp_path / "out" / "slurm" / "%j"), cluster="slurm")
+    submitted = [call.args for call in executor.submit.call_args_list]
+    params = [call.kwargs for call in executor.update_parameters.call_args_list]
+    assert all(isinstance(fn, StageJob) for fn, _ in submitted)
+    stages = [stage for _, stage in submitted]
+    # clean seed 0 at rho_a 8 (rho_a 0 is done), then score, generator, 2 radii x 2 shares of collapse (vgg16)
+    assert [s.kind for s in stages] == ["score", "generator"] + ["victim"] * 5
+    assert stages[0].kind == "score" and params[0]["slurm_additional_parameters"] == {}
+    assert params[0] | {"name": None} == {"name": None, "slurm_partition": "gpu", "timeout_min": 60,
+                                          "gpus_per_node": 2, "tasks_per_node": 2, "cpus_per_task": 4,
+                                          "slurm_additional_parameters": {}}
+    assert params[1]["slurm_additional_parameters"] == {"dependency": "afterok:100"}
+    for stage, p in zip(stages[2:], params[2:]):
+        assert p["timeout_min"] == 30 and p["slurm_additional_parameters"]["qos"] == "low"
+        assert p["slurm_additional_parameters"].get("dependency") == (
+            None if stage.cell["source"] == "clean" else "afterok:101")
+    args = stages[2].args  # one DDP process a GPU, as SLURM's tasks
+    assert args[-8:] == ["--trainer.accelerator", "gpu", "--trainer.devices", "2", "--trainer.num_nodes", "1",
+                         "--trainer.strategy", "ddp"]
+    assert not any(Path(s.folder).exists() for s in stages)  # nothing ran here
+    jobs = json.loads((tmp_path / "out" / "slurm" / "g.jobs.json").read_text())
+    assert sorted(j["job"] for j in jobs.values()) == [str(100 + i) for i in range(7)]
+
+
+def test_failed_stage_is_reported_and_its_dependants_skipped(tmp_path, capsys):
+    grid = load_grid(_write(tmp_path / "f.yaml", {
+        "output": str(tmp_path / "out"),
+        "datasets": {"d": str(REPO / "configs/data/digits.yaml")},
+        "sources": {"em": {"generator": str(REPO / "configs/generator/em-classwise-digits.yaml"),
+                           "args": {"model.init_args.width": -3}}},
+        "victims": {"v": str(REPO / "configs/victim/digits.yaml")}}))
+    failed = run_local(list(grid.stages.values()))
+    assert [s.kind for s in failed] == ["generator", "victim"]
+    out = capsys.readouterr().out
+    assert "FAILED noise em (d)" in out and "skip  em -> v on d" in out
+    assert "width" in (Path(failed[0].folder) / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "grids").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_grids_expand(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    header = path.read_text().splitlines()[0]
+    assert header.startswith("# "), f"{path.name}: say what it reproduces in a header comment"
+    grid = load_grid(path)
+    assert grid.cells and all(os.path.isfile(c) for s in grid.stages.values() for c in s.configs)
+    assert grid.output.parent == REPO / "runs" / "grids"
+    for stage in grid.stages.values():  # overrides name real settings and architectures
+        keys = stage.args[::2]
+        assert all(k.split(".")[0] in ("--data", "--model", "--trainer", "--seed_everything") for k in keys), keys
+        if "--model.init_args.arch" in keys:
+            assert stage.args[stage.args.index("--model.init_args.arch") + 1] in ARCHITECTURES

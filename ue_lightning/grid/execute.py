@@ -1,0 +1,140 @@
+"""Where a grid's stages run: here, one after another or several at once (a process pool), or as SLURM jobs.
+
+Locally the stages run in three waves (score models, generators, victims), so no two
+processes ever make the same noise file. On SLURM each stage is one job submitted through
+submitit, and a job waits for the jobs whose files it reads (``--dependency=afterok``);
+a stage with several GPUs per node runs one task a GPU, and Lightning's DDP reads SLURM's
+environment. Nothing here schedules anything itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from multiprocessing import get_context
+from pathlib import Path
+
+from ue_lightning.grid.spec import STAGE_KINDS, Stage, cli_args
+
+
+def _say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def _log(stage: Stage) -> Path:
+    return Path(stage.folder) / "log.txt"
+
+
+def run_logged(stage: Stage) -> float:
+    """Run a stage with its output in ``<folder>/log.txt``; return its minutes."""
+    from ue_lightning.grid.stages import output_to, run_stage
+
+    start = time.time()
+    with output_to(_log(stage)):
+        try:
+            run_stage(stage)
+        except BaseException:
+            traceback.print_exc()
+            raise
+    return (time.time() - start) / 60
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_local(stages: list[Stage], jobs: int = 1) -> list[Stage]:
+    """Run the stages not done yet, ``jobs`` at once (each with cores // jobs torch threads); return the failed ones.
+
+    A stage whose inputs failed is not run (and counts as failed).
+    """
+    failed: dict[str, Stage] = {}
+    pool = None
+    if jobs > 1:
+        threads = max(1, cores() // jobs)
+        pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker,
+                                   initargs=(threads,))
+        _say(f"{jobs} processes at once, {threads} torch thread(s) each")
+    try:
+        for kind in STAGE_KINDS:
+            wave = []
+            for stage in stages:
+                if stage.kind != kind or stage.done():
+                    continue
+                if any(k in failed for k in stage.needs):
+                    failed[stage.key] = stage
+                    _say(f"skip  {stage.name}: an input failed")
+                    continue
+                if pool:
+                    _say(f"start {stage.name}")
+                wave.append((stage, pool.submit(run_logged, stage) if pool else None))
+            for stage, future in wave:
+                try:
+                    if not future:
+                        _say(f"start {stage.name}")
+                    minutes = future.result() if future else run_logged(stage)
+                    _say(f"done  {stage.name} in {minutes:.1f} min")
+                except Exception as error:  # one failed cell must not stop the others
+                    failed[stage.key] = stage
+                    _say(f"FAILED {stage.name}: {type(error).__name__}: {error} (log: {_log(stage)})")
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return list(failed.values())
+
+
+def _ddp_args(resources: dict) -> list[str]:
+    """Trainer settings for the job's GPUs: one DDP process a GPU, SLURM's tasks."""
+    gpus, nodes = int(resources.get("gpus_per_node") or 0), int(resources.get("nodes") or 1)
+    if not gpus:
+        return []
+    settings = {"trainer.accelerator": "gpu", "trainer.devices": gpus, "trainer.num_nodes": nodes}
+    if gpus * nodes > 1:
+        settings["trainer.strategy"] = "ddp"
+    return cli_args(settings)
+
+
+def slurm_resources(slurm: dict, kind: str) -> dict:
+    """submitit parameters of a stage: the grid's ``slurm.all`` updated by ``slurm.<kind>``, one task a GPU."""
+    unknown = set(slurm) - {"all", *STAGE_KINDS}
+    if unknown:
+        raise ValueError(f"grid: slurm: unknown keys {sorted(unknown)} (allowed: all, {', '.join(STAGE_KINDS)})")
+    resources = {**(slurm.get("all") or {}), **(slurm.get(kind) or {})}
+    if resources.get("gpus_per_node"):
+        resources.setdefault("tasks_per_node", resources["gpus_per_node"])
+    return resources
+
+
+def submit_slurm(stages: list[Stage], slurm: dict, folder: Path) -> dict[str, str]:
+    """Submit each stage not done yet as a SLURM job (submitit); return ``{stage key: job id}``."""
+    try:
+        import submitit
+    except ImportError as error:
+        raise ImportError("--executor slurm needs submitit: pip install 'ue-lightning[slurm]'") from error
+    from ue_lightning.grid.slurm import StageJob
+
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm")
+    jobs: dict[str, str] = {}
+    for stage in stages:
+        if stage.done():
+            continue
+        resources = slurm_resources(slurm, stage.kind)
+        extra = dict(resources.pop("slurm_additional_parameters", None) or {})
+        waits = [jobs[k] for k in stage.needs if k in jobs]
+        if waits:
+            extra["dependency"] = "afterok:" + ":".join(waits)
+        executor.update_parameters(name=f"ue-{stage.kind}-{stage.key}", slurm_additional_parameters=extra,
+                                   **resources)
+        job = executor.submit(StageJob(), replace(stage, args=[*stage.args, *_ddp_args(resources)]))
+        jobs[stage.key] = str(job.job_id)
+        _say(f"submitted {stage.name}: job {job.job_id}" + (f" (after {', '.join(waits)})" if waits else ""))
+    return jobs
