@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ue_lightning.attacks import box_start, budget_to_pixels, pgd_minimize
 from ue_lightning.augment import random_crop_flip
-from ue_lightning.models.checkpoint import classifier_from_weights, read_classifier_checkpoint
+from ue_lightning.models.checkpoint import check_data_facts, classifier_from_weights, read_classifier_checkpoint
 from ue_lightning.modules.generator_base import NoiseGenerator
 from ue_lightning.sample_rng import indexed_uniform
 
@@ -37,13 +37,9 @@ def load_victim_classifier(path: str | Path, num_classes: int, in_channels: int,
     """
     hp, weights = read_classifier_checkpoint(path, name="classifier_checkpoint",
                                              expected="ue_lightning.modules.VictimClassifier", fix=_MAKE_ONE)
-    found = {"num_classes": hp.get("num_classes"), "in_channels": hp.get("in_channels"),
-             "image_size": hp.get("image_size")}
-    wanted = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
-    wrong = [f"{k}: checkpoint has {found[k]}, data has {v}" for k, v in wanted.items() if found[k] != v]
-    if wrong:
-        raise ValueError(f"classifier_checkpoint {path} was trained on other data:\n  - " + "\n  - ".join(wrong)
-                         + f"\nTrain the clean classifier on this dataset; {_MAKE_ONE}")
+    check_data_facts(hp, {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size},
+                     name=f"classifier_checkpoint {path}",
+                     fix=f"train the clean classifier on this dataset; {_MAKE_ONE}")
     return classifier_from_weights(hp, weights, name=f"classifier_checkpoint {path}")
 
 
