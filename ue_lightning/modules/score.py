@@ -33,10 +33,10 @@ from torch import Tensor
 from ue_lightning.models import ScoreNet
 from ue_lightning.models.checkpoint import (CheckpointError, check_data_facts, load_weights,
                                              read_lightning_checkpoint)
-from ue_lightning.sample_rng import indexed_normal
+from ue_lightning.sample_rng import indexed_normal, salt_of
 
 #: salt of the per-sample validation noise (see :func:`indexed_normal`)
-_VAL_NOISE_SALT = 0x5C0E
+_VAL_NOISE_SALT = salt_of(0x5C0E)
 
 
 def geometric_sigmas(sigma_max: float, sigma_min: float, num_sigmas: int) -> Tensor:
