@@ -151,11 +151,11 @@ def test_load_for_refuses_other_data_and_bad_files(trained, tmp_path):
     corrupt.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ScoreCheckpointError, match="not a readable checkpoint"):
         ScoreEstimator.load_for(corrupt, num_classes=2, in_channels=1, image_size=SIZE)
-    with pytest.raises(ScoreCheckpointError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist.*configs/score/"):
         ScoreEstimator.load_for(tmp_path / "missing.ckpt", num_classes=2, in_channels=1, image_size=SIZE)
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"model.weight": torch.zeros(1)}, "hyper_parameters": {"num_classes": 2}}, other)
-    with pytest.raises(ScoreCheckpointError, match="not a ScoreEstimator checkpoint"):
+    with pytest.raises(ScoreCheckpointError, match="not of ue_lightning.modules.ScoreEstimator"):
         ScoreEstimator.load_for(other, num_classes=2, in_channels=1, image_size=SIZE)
 
 

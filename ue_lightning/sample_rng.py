@@ -41,7 +41,19 @@ def indexed_uniform(index: Tensor, shape: tuple[int, ...], seed: int, salt: int 
 
 
 def salt_of(*parts: object) -> int:
-    """A 32-bit salt naming one random draw, e.g. ``salt_of("step", 12, "eot", 3, 1)``."""
+    """The salt of one random draw: every module builds its salts here.
+
+    * Named: ``salt_of("step", 12, "eot", 3, 1)`` is the CRC-32 of ``"step:12:eot:3:1"`` (the
+      robust generators, EM).
+    * Numbered: one non-negative int is its own salt, ``salt_of(n) == n`` (TAP numbers its draws,
+      the score estimator's validation noise is ``salt_of(0x5C0E)``).
+
+    Salts are part of the pinned noise: changing how one is built changes the noise of every seed.
+    """
+    if len(parts) == 1 and type(parts[0]) is int:
+        if parts[0] < 0:
+            raise ValueError(f"a numbered salt must be >= 0, got {parts[0]}")
+        return parts[0]
     return zlib.crc32(":".join(str(p) for p in parts).encode())
 
 

@@ -4,6 +4,10 @@ Every module of the package that holds a classifier keeps it as ``self.model`` (
 :func:`~ue_lightning.models.build_classifier` network) and saves ``arch``, ``width``,
 ``num_classes``, ``in_channels`` and ``image_size`` as hyperparameters: victims, EM and
 REM/collapse generators alike. That is all it takes to rebuild the classifier.
+
+:func:`read_lightning_checkpoint` and :func:`check_data_facts` hold the checks, and their
+wording, that every checkpoint loader of the package shares: TAP's classifier, the surrogate
+of ``ue protect`` and :meth:`~ue_lightning.modules.score.ScoreEstimator.load_for`.
 """
 
 from __future__ import annotations
@@ -21,41 +25,80 @@ from .registry import build_classifier
 _UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError)
 
 
-def read_classifier_checkpoint(path: str | Path, *, name: str, expected: str, fix: str
-                               ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(hyperparameters, classifier weights)`` of the checkpoint at ``path`` (weights without ``model.``).
+class CheckpointError(ValueError):
+    """A checkpoint that is unreadable, of another module, made for other data, or whose weights do not fit."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint at the given path (both a :class:`CheckpointError` and a ``FileNotFoundError``)."""
+
+
+def read_lightning_checkpoint(path: str | Path, *, name: str, expected: str, fix: str, prefix: str,
+                              required: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(hyperparameters, state_dict)`` of the Lightning checkpoint at ``path``, read with ``weights_only=True``.
 
     Args:
         path: a local Lightning checkpoint.
         name: how the user gave it (``classifier_checkpoint``, ``--checkpoint``), for messages.
         expected: the module(s) the checkpoint should come from, for messages.
         fix: how to get a right one, appended to every message.
+        prefix: a weight name of the expected module starts with this (``model.``, ``net.``).
+        required: hyperparameters the expected module saves.
 
-    Raises: FileNotFoundError (no file), ValueError (unreadable, or no classifier in it).
+    Raises: :class:`CheckpointNotFoundError` (no file), :class:`CheckpointError` (unreadable, or
+    not a checkpoint of ``expected``).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{name} {path} does not exist: {fix}")
+        raise CheckpointNotFoundError(f"{name} {path} does not exist: {fix}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except _UNREADABLE as e:
-        raise ValueError(f"cannot read {name} {path}: it is corrupt or not a Lightning checkpoint "
-                         f"({type(e).__name__}: {str(e)[:200]}); {fix}") from None
-    hp: dict[str, Any] = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    if "arch" not in hp or not weights:
-        kind = hp.get("_class_path", "an unknown module") if hp else "an unknown module"
-        raise ValueError(f"{name} {path} is a checkpoint of {kind}, not of {expected}; {fix}")
-    return hp, weights
+        raise CheckpointError(f"{name} {path} is not a readable checkpoint: it is corrupt, truncated, or holds "
+                              f"objects other than tensors and plain values (not unpickled, for safety) "
+                              f"({type(e).__name__}: {str(e)[:200]}); {fix}") from None
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    hp = hp if isinstance(hp, dict) else {}
+    state = state if isinstance(state, dict) else {}
+    if any(k not in hp for k in required) or not any(k.startswith(prefix) for k in state):
+        kind = hp.get("_class_path", "an unknown module")
+        raise CheckpointError(f"{name} {path} is a checkpoint of {kind}, not of {expected}; {fix}")
+    return hp, state
+
+
+def check_data_facts(hp: dict[str, Any], data: dict[str, Any], *, name: str, fix: str) -> None:
+    """Refuse (:class:`CheckpointError`) a checkpoint whose hyperparameters differ from ``data`` (e.g. num_classes)."""
+    differ = [f"{k}={hp.get(k)!r} in the checkpoint but {v} in the data" for k, v in data.items() if hp.get(k) != v]
+    if differ:
+        raise CheckpointError(f"{name} was trained on other data: {'; '.join(differ)}. "
+                              f"A checkpoint only serves the data it was trained on; {fix}")
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], *, name: str, what: str,
+                 fix: str = "") -> None:
+    """``module.load_state_dict(state)`` (strict), a mismatch raised as :class:`CheckpointError` naming both."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{name}: weights do not fit {what}: {str(e)[:300]}" + (f"; {fix}" if fix else "")
+                              ) from None
+
+
+def read_classifier_checkpoint(path: str | Path, *, name: str, expected: str, fix: str
+                               ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(hyperparameters, classifier weights)`` of the checkpoint at ``path`` (weights without ``model.``).
+
+    See :func:`read_lightning_checkpoint` for the arguments and errors.
+    """
+    hp, state = read_lightning_checkpoint(path, name=name, expected=expected, fix=fix, prefix="model.",
+                                          required=("arch",))
+    return hp, {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
 
 def classifier_from_weights(hp: dict[str, Any], weights: dict[str, torch.Tensor], *, name: str) -> ImageClassifier:
     """The classifier that ``hp`` (arch, width, num_classes, in_channels, image_size) describes, with ``weights``."""
     model = build_classifier(hp["arch"], hp["num_classes"], in_channels=hp["in_channels"],
                              image_size=hp["image_size"], width=hp.get("width"))
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ValueError(f"{name}: weights do not fit {hp['arch']} (width={hp.get('width')}): {str(e)[:300]}") from None
+    load_weights(model, weights, name=name, what=f"{hp['arch']} (width={hp.get('width')})")
     return model

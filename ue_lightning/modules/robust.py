@@ -43,6 +43,7 @@ from ue_lightning.attacks import (box_start, budget_to_pixels, cross_entropy_sum
 from ue_lightning.augment import random_crop_flip
 from ue_lightning.models import build_classifier
 from ue_lightning.modules.generator_base import NoiseGenerator, round_to_pixel_grid
+from ue_lightning.modules.unregistered import Unregistered
 from ue_lightning.sample_rng import indexed_uniform, salt_of
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -171,7 +172,7 @@ class RobustNoiseGenerator(NoiseGenerator):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.train_clean_acc = MulticlassAccuracy(num_classes, average="micro")
         # The score model is frozen and shared, not ours: kept out of state_dict, parameters() and .to().
-        object.__setattr__(self, "_score_model", None)
+        self._score_model: Unregistered[ScoreModel] = Unregistered()
 
     # ------------------------------------------------------------------ score model
     def setup(self, stage: str) -> None:
@@ -181,14 +182,11 @@ class RobustNoiseGenerator(NoiseGenerator):
         """The frozen ScoreEstimator (loaded on first use, moved to ``device``), or None for REM."""
         if self.score_step_size_px == 0:
             return None
-        if self._score_model is None:
+        if self._score_model.value is None:
             h = self.hparams
-            model = load_score_model(h.score_checkpoint, num_classes=h.num_classes, in_channels=h.in_channels,
-                                     image_size=h.image_size)
-            object.__setattr__(self, "_score_model", model)
-        if device is not None:
-            object.__setattr__(self, "_score_model", self._score_model.to(device))
-        return self._score_model
+            self._score_model.value = load_score_model(h.score_checkpoint, num_classes=h.num_classes,
+                                                       in_channels=h.in_channels, image_size=h.image_size)
+        return self._score_model.on(device)
 
     # ------------------------------------------------------------------ the three steps
     def uniform_box(self, index: Tensor, x: Tensor, radius: float, salt: int) -> Tensor:

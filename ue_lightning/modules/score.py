@@ -23,8 +23,6 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +31,12 @@ import torch
 from torch import Tensor
 
 from ue_lightning.models import ScoreNet
-from ue_lightning.sample_rng import indexed_normal
+from ue_lightning.models.checkpoint import (CheckpointError, check_data_facts, load_weights,
+                                             read_lightning_checkpoint)
+from ue_lightning.sample_rng import indexed_normal, salt_of
 
 #: salt of the per-sample validation noise (see :func:`indexed_normal`)
-_VAL_NOISE_SALT = 0x5C0E
+_VAL_NOISE_SALT = salt_of(0x5C0E)
 
 
 def geometric_sigmas(sigma_max: float, sigma_min: float, num_sigmas: int) -> Tensor:
@@ -49,8 +49,9 @@ def dsm_loss_per_sample(scaled_score: Tensor, eps: Tensor) -> Tensor:
     return 0.5 * (scaled_score + eps).flatten(1).pow(2).sum(1)
 
 
-class ScoreCheckpointError(ValueError):
-    """A score checkpoint that is missing, unreadable, or made for other data."""
+#: the error of a score checkpoint that is unreadable, of another module or made for other data (a
+#: ``ValueError``); a missing one raises its subclass ``CheckpointNotFoundError``, also a ``FileNotFoundError``
+ScoreCheckpointError = CheckpointError
 
 
 class ScoreEstimator(L.LightningModule):
@@ -216,38 +217,20 @@ class ScoreEstimator(L.LightningModule):
 
         Reads the checkpoint with ``torch.load(weights_only=True)`` (tensors and plain
         containers only: nothing in the file can run code). Raises
-        :class:`ScoreCheckpointError` (a ``ValueError``) when the file is missing, is not a
-        readable ScoreEstimator checkpoint, or was trained on data with another class count,
-        channel count or image size.
+        :class:`ScoreCheckpointError` (a ``ValueError``) when the file is not a readable
+        ScoreEstimator checkpoint, or was trained on data with another class count, channel
+        count or image size, and its subclass ``CheckpointNotFoundError`` (also a
+        ``FileNotFoundError``) when it is missing: the checks and wording of
+        :mod:`ue_lightning.models.checkpoint`, shared with TAP's classifier loader.
         """
-        path = Path(checkpoint_path)
-        fix = _training_hint(num_classes, in_channels, image_size)
-        if not path.is_file():
-            raise ScoreCheckpointError(f"score checkpoint {path} does not exist; {fix}")
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-            raise ScoreCheckpointError(
-                f"{path} is not a readable checkpoint (corrupt, truncated, or holding objects other than tensors "
-                f"and plain values, which are not unpickled for safety): {type(err).__name__}: {err}; {fix}") from err
-        hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-        state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-        if not isinstance(hparams, dict) or not isinstance(state, dict) or not any(k.startswith("net.") for k in state):
-            raise ScoreCheckpointError(f"{path} is not a ScoreEstimator checkpoint (no score network hyper-parameters "
-                                       f"or weights); {fix}")
-        expected = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
-        differ = [f"{k}={hparams.get(k)!r} in the checkpoint but {v} in the data" for k, v in expected.items()
-                  if hparams.get(k) != v]
-        if differ:
-            raise ScoreCheckpointError(f"score checkpoint {path} was trained on other data: {'; '.join(differ)}. "
-                                       f"A score estimator only serves the data it was trained on; {fix}")
+        name, fix = f"score checkpoint {checkpoint_path}", _training_hint(num_classes, in_channels, image_size)
+        hparams, state = read_lightning_checkpoint(checkpoint_path, name="score checkpoint", fix=fix, prefix="net.",
+                                                   expected="ue_lightning.modules.ScoreEstimator")
+        check_data_facts(hparams, {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size},
+                         name=name, fix=fix)
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
         model = cls(**{k: v for k, v in hparams.items() if k in accepted})
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ScoreCheckpointError(f"{path}: weights do not fit a ScoreEstimator with its own hyper-parameters "
-                                       f"({err}); {fix}") from err
+        load_weights(model, state, name=name, what="a ScoreEstimator with its own hyper-parameters", fix=fix)
         model.eval().requires_grad_(False)
         return model.to(map_location)
 

@@ -35,6 +35,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ue_lightning.console import progress
 from ue_lightning.data.datamodule import ProtectedImages
 from ue_lightning.modules.simclr import SimCLRNet, nt_xent, simclr_views
+from ue_lightning.modules.unregistered import Unregistered
 from ue_lightning.padding import first_occurrences
 
 
@@ -147,16 +148,16 @@ class SimCLRVictim(L.LightningModule):
         self.probe_data, self.probe_steps, self.probe_weight_decay = probe_data, probe_steps, probe_weight_decay
         self.net = SimCLRNet(arch, in_channels, image_size, width, proj_dim)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        # the probe is fitted at test time and kept out of the module tree (a plain dict), so
-        # that neither the optimiser, DDP nor the checkpoint ever see it
-        self._fitted: dict[str, LinearProbe] = {}
+        # the probe is fitted at test time and kept out of the module tree, so that neither the
+        # optimiser, DDP nor the checkpoint ever see it
+        self._probe: Unregistered[LinearProbe] = Unregistered()
         self._probe_train_acc = float("nan")
 
     @property
     def probe(self) -> LinearProbe:
-        if "probe" not in self._fitted:
+        if self._probe.value is None:
             raise RuntimeError("the linear probe is fitted at the start of `ue test`; run the test loop first")
-        return self._fitted["probe"]
+        return self._probe.value
 
     def forward(self, x: Tensor) -> Tensor:
         """Encoder features (B, feature_dim) of images (B, C, H, W) in [0, 1]."""
@@ -205,9 +206,9 @@ class SimCLRVictim(L.LightningModule):
             feats, labels = self.extract_features(dataset)
             with progress(desc="probe: L-BFGS", total=probe_evaluations(self.probe_steps), unit="evaluation",
                           trainer=self.trainer) as bar:
-                self._fitted["probe"] = fit_linear_probe(feats, labels, self.hparams.num_classes,
-                                                         steps=self.probe_steps, weight_decay=self.probe_weight_decay,
-                                                         on_evaluation=bar.update)
+                self._probe.value = fit_linear_probe(feats, labels, self.hparams.num_classes,
+                                                     steps=self.probe_steps, weight_decay=self.probe_weight_decay,
+                                                     on_evaluation=bar.update)
             self._probe_train_acc = float((self.probe(feats).argmax(1) == labels).float().mean())
 
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:

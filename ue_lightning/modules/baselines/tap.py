@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from ue_lightning.attacks import box_start, budget_to_pixels, pgd_minimize
 from ue_lightning.augment import random_crop_flip
-from ue_lightning.models.checkpoint import classifier_from_weights, read_classifier_checkpoint
+from ue_lightning.models.checkpoint import check_data_facts, classifier_from_weights, read_classifier_checkpoint
 from ue_lightning.modules.generator_base import NoiseGenerator
-from ue_lightning.sample_rng import indexed_uniform
+from ue_lightning.sample_rng import indexed_uniform, salt_of
 
 _MAKE_ONE = ("train one on the clean data first, e.g. `ue fit --config configs/data/cifar10.yaml "
              "--config configs/victim/resnet18.yaml --trainer.callbacks.dirpath runs/victim/clean-cifar10/checkpoints`"
@@ -37,13 +37,9 @@ def load_victim_classifier(path: str | Path, num_classes: int, in_channels: int,
     """
     hp, weights = read_classifier_checkpoint(path, name="classifier_checkpoint",
                                              expected="ue_lightning.modules.VictimClassifier", fix=_MAKE_ONE)
-    found = {"num_classes": hp.get("num_classes"), "in_channels": hp.get("in_channels"),
-             "image_size": hp.get("image_size")}
-    wanted = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
-    wrong = [f"{k}: checkpoint has {found[k]}, data has {v}" for k, v in wanted.items() if found[k] != v]
-    if wrong:
-        raise ValueError(f"classifier_checkpoint {path} was trained on other data:\n  - " + "\n  - ".join(wrong)
-                         + f"\nTrain the clean classifier on this dataset; {_MAKE_ONE}")
+    check_data_facts(hp, {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size},
+                     name=f"classifier_checkpoint {path}",
+                     fix=f"train the clean classifier on this dataset; {_MAKE_ONE}")
     return classifier_from_weights(hp, weights, name=f"classifier_checkpoint {path}")
 
 
@@ -157,7 +153,7 @@ class TargetedAdversarialPoison(NoiseGenerator):
             step = next(calls)
             if self.hparams.augment:
                 x_adv = random_crop_flip(x_adv, padding, self.hparams.flip, index=index, seed=self.seed,
-                                         salt=1_000_003 * (restart + 1) + step)
+                                         salt=salt_of(1_000_003 * (restart + 1) + step))
             return F.cross_entropy(self.classifier(x_adv), target, reduction="sum")
 
         return loss_fn
@@ -169,7 +165,7 @@ class TargetedAdversarialPoison(NoiseGenerator):
         padding = self.hparams.padding if self.hparams.padding is not None else max(1, x.shape[-1] // 8)
         best, best_loss = None, None
         for restart in range(self.hparams.restarts):
-            u = indexed_uniform(index, tuple(x.shape[1:]), self.seed, salt=2 * restart)
+            u = indexed_uniform(index, tuple(x.shape[1:]), self.seed, salt=salt_of(2 * restart))
             start = box_start(u, x, self.radius_px)
             delta = pgd_minimize(self._loss(target, index, restart, padding), x, radius=self.radius_px,
                                  step_size=self.step_size_px, steps=self.hparams.steps, init=start)
