@@ -42,8 +42,8 @@ OUT = REPO / "benchmarks" / "out" / "cpu-protocol"
 NPZ = REPO.parent / "shared" / "data" / "cifar10-jpeg75-subset.npz"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 DATA = ["--data.root", str(NPZ)]
-GENERATORS = ("em-samplewise", "em-classwise", "rem", "collapse", "tue")
-NEEDS_SCORE = ("collapse",)
+GENERATORS = ("em-samplewise", "em-classwise", "rem", "collapse", "tue", "rem-rho2", "collapse-rho2")
+NEEDS_SCORE = ("collapse", "collapse-rho2")
 AT_DATA = ("clean", "em-samplewise", "rem", "collapse")
 
 
@@ -112,26 +112,27 @@ def generator_stage(name: str) -> Path:
     return noise
 
 
-def victim_tag(data: str, radius: float, seed: int) -> str:
-    return f"{data}-rho{radius:g}-seed{seed}"
+def victim_tag(data: str, radius: float, seed: int, defence: str = "none") -> str:
+    return f"{data}-rho{radius:g}-seed{seed}" + ("" if defence == "none" else f"-{defence}")
 
 
-def victim_stage(data: str, radius: float, seed: int) -> dict:
-    tag = victim_tag(data, radius, seed)
+def victim_stage(data: str, radius: float, seed: int, defence: str = "none") -> dict:
+    tag = victim_tag(data, radius, seed, defence)
     result = OUT / "victim" / tag / "result.json"
     if result.exists():
         return json.loads(result.read_text())
     noise = None if data == "clean" else str(generator_stage(data))
-    run(f"victim {tag}", [__file__, "--cell", data, str(radius), str(seed), *(["--noise", noise] if noise else [])],
+    run(f"victim {tag}", [__file__, "--cell", data, str(radius), str(seed), "--defence", defence,
+                          *(["--noise", noise] if noise else [])],
         OUT / "logs" / f"victim-{tag}.log")
     return json.loads(result.read_text())
 
 
-def victim_cell(data: str, radius: float, seed: int, noise: str | None) -> None:
+def victim_cell(data: str, radius: float, seed: int, noise: str | None, defence: str = "none") -> None:
     """In a subprocess: fit and test one victim through the package's CLI, write its result.json."""
     from ue_lightning.cli import build_cli
 
-    tag = victim_tag(data, radius, seed)
+    tag = victim_tag(data, radius, seed, defence)
     folder = OUT / "victim" / tag
     args = ["--config", "configs/data/cifar10-npz-cpu.yaml", "--config", "configs/victim/resnet18-cpu.yaml", *DATA,
             *QUIET, "--seed_everything", str(seed), "--data.eval_batch_size", "500",
@@ -141,12 +142,15 @@ def victim_cell(data: str, radius: float, seed: int, noise: str | None) -> None:
             "--model.init_args.adv_step_size", str(radius / 2)]
     if noise:
         args += ["--data.perturbation", noise]
+    if defence != "none":
+        args += ["--data.defence", defence]
     cli = build_cli(args, run=False)
     start = time.time()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     train_acc = float(cli.trainer.callback_metrics["train/acc"])
     test_acc = float(cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]["test/acc"])
-    write_json(folder / "result.json", {"data": data, "rho_a": radius, "seed": seed, "train_acc": train_acc,
+    write_json(folder / "result.json", {"data": data, "rho_a": radius, "seed": seed, "defence": defence,
+                                        "train_acc": train_acc,
                                         "test_acc": test_acc, "minutes": round((time.time() - start) / 60, 2),
                                         "threads": 1})
 
@@ -167,14 +171,18 @@ def table(results: list[dict]) -> str:
     radii = sorted({r["rho_a"] for r in results})
     lines = ["| train data | " + " | ".join(f"rho_a={r:g}: train / test" for r in radii) + " |",
              "|---|" + "---|" * len(radii)]
-    for name in names:
-        cells = []
-        for radius in radii:
-            rows = [r for r in results if r["data"] == name and r["rho_a"] == radius]
-            cells.append(f"{mean_std([r['train_acc'] for r in rows])} / {mean_std([r['test_acc'] for r in rows])}"
-                         if rows else "-")
-        if any(c != "-" for c in cells):
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    defences = ["none", *sorted({r.get("defence", "none") for r in results} - {"none"})]
+    for defence in defences:
+        for name in names:
+            cells = []
+            for radius in radii:
+                rows = [r for r in results
+                        if r["data"] == name and r["rho_a"] == radius and r.get("defence", "none") == defence]
+                cells.append(f"{mean_std([r['train_acc'] for r in rows])} / {mean_std([r['test_acc'] for r in rows])}"
+                             if rows else "-")
+            if any(c != "-" for c in cells):
+                label = name if defence == "none" else f"{name} + {defence}"
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -184,12 +192,15 @@ def main() -> None:
     p.add_argument("--only", default=",".join(["clean", *GENERATORS]))
     p.add_argument("--seeds", default="0,1,2", help="victim seeds of standard training")
     p.add_argument("--radii", default="2,4", help="adversarial-training radii (1/255), seed 0, for " + ",".join(AT_DATA))
+    p.add_argument("--defences", default="", help="extra standard-training cells DATA:DEFENCE,... with "
+                   "data.defence (e.g. em-samplewise:jpeg10,clean:jpeg10), each with the --seeds")
     p.add_argument("--table", action="store_true", help="only print the table of the finished victims")
     p.add_argument("--cell", nargs=3, metavar=("DATA", "RADIUS", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--noise", help=argparse.SUPPRESS)
+    p.add_argument("--defence", default="none", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.cell:
-        victim_cell(a.cell[0], float(a.cell[1]), int(a.cell[2]), a.noise)
+        victim_cell(a.cell[0], float(a.cell[1]), int(a.cell[2]), a.noise, a.defence)
         return
     if not a.table:
         OUT.mkdir(parents=True, exist_ok=True)
@@ -198,6 +209,9 @@ def main() -> None:
         radii = [float(r) for r in a.radii.split(",") if r]
         cells = [(n, 0.0, s) for s in seeds for n in names]
         cells += [(n, r, 0) for r in radii for n in names if n in AT_DATA]
+        defended = [tuple(pair.split(":")) for pair in a.defences.split(",") if pair]
+        cells += [(n, 0.0, s, d) for s in seeds for n, d in defended]
+        names += [n for n, _ in defended if n not in names]
         with ThreadPoolExecutor(a.jobs) as pool:
             # generators first (two at once), then the victims in order: seed 0 of every noise first
             for future in [pool.submit(generator_stage, n) for n in names if n != "clean"]:
