@@ -15,6 +15,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from ue_lightning.compose import fill_placeholders, missing_overlays, run_names
 from ue_lightning.console import quiet_third_party
 from ue_lightning.data import UEDataModule
 
@@ -65,6 +66,8 @@ class UECLI(LightningCLI):
         own, pytest's, a notebook kernel's), and Lightning would warn that both were given."""
         with patch.object(sys, "argv", sys.argv[:1] if args is not None else sys.argv):
             super().parse_arguments(parser, args)
+        config = self.config[self.config["subcommand"]] if self.config.get("subcommand") else self.config
+        fill_run_names(config)
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None:
@@ -84,6 +87,19 @@ class UECLI(LightningCLI):
         if "logger" not in kwargs and config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
         return super().instantiate_trainer(**kwargs)
+
+
+def fill_run_names(config) -> None:
+    """Fill ``{data}`` and ``{method}`` in the parsed settings from the ``--config`` file names
+    (``ue_lightning.compose``), and warn when a method's overlay for the data exists but was not given."""
+    configs = config.get("config") or []
+    for overlay in missing_overlays(configs):
+        rank_zero_warn(f"{overlay} holds this method's settings for this data, and was not given: the method "
+                       f"config's own settings are used (add --config {overlay} for the shipped ones)")
+    names = run_names(configs)
+    for key in ("model", "data", "trainer"):
+        if key in config:
+            config[key] = fill_placeholders(config[key], names, key)
 
 
 def default_loggers(root: str) -> list:
