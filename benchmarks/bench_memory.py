@@ -11,7 +11,7 @@ set (ru_maxrss, which also counts touched pages of memory-mapped files, reclaima
 
 - ``load``: the DataModule set up for predict and its loader iterated, nothing written: the
   cost of the data itself (the npz holds N x 3072 bytes of images; numpy and torch copies);
-- ``predict``: ``ue predict`` of ``configs/generator/random-cifar10-npz-cpu.yaml`` writing
+- ``predict``: ``ue predict`` of ``configs/generator/random.yaml`` on the CPU data (with its overlay) writing
   the noise file (N x 3072 int8 + N coverage bytes, memory-mapped);
 - ``em-state``: an ErrorMinimizingNoise (sample-wise, float32 and float16 state, in memory)
   after ``setup("fit")``: the state is N x C x H x W floats per process (per DDP rank).
@@ -69,7 +69,8 @@ if mode == "load":
 elif mode == "predict":
     from ue_lightning.cli import main
     writer = [{"class_path": "ue_lightning.callbacks.PerturbationWriter", "init_args": {"output": out}}]
-    main(["predict", "--config", "configs/generator/random-cifar10-npz-cpu.yaml", "--data.root", npz,
+    main(["predict", "--config", "configs/data/cifar10-npz-cpu.yaml", "--config", "configs/generator/random.yaml",
+          "--config", "configs/generator/cifar10-npz-cpu/random.yaml", "--data.root", npz,
           "--data.train_subset", "null", "--trainer.callbacks", json.dumps(writer),
           "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(Path(out).parent)])
 elif mode.startswith("em-state"):

@@ -8,8 +8,9 @@ Protocol (CPU scale, NOT the papers' protocol; say so wherever a figure is quote
 
 - data: ../shared/data/cifar10-jpeg75-subset.npz (real CIFAR-10, JPEG q75 copy), a seeded,
   class-stratified 5000-image train subset (500 a class); the whole 10000-image test set;
-- one noise file per generator, from its `configs/generator/<name>-cifar10-npz-cpu.yaml`
-  (collapse first fits `configs/score/cifar10-npz-cpu.yaml`);
+- one noise file per generator, from its configs composed on `configs/data/cifar10-npz-cpu.yaml`
+  (`GENERATORS`: each method config with its `configs/generator/cifar10-npz-cpu/` overlay; collapse
+  first fits `configs/score/dsm.yaml` with `configs/score/cifar10-npz-cpu/dsm.yaml`);
 - victims: `configs/data/cifar10-npz-cpu.yaml` + `configs/victim/resnet18-cpu.yaml`
   (ResNet-18 at width 16, 15 epochs of batch 128, SGD 0.1 cosine, crop + flip), standard
   training with victim seeds 0, 1, 2; PGD adversarial training at rho_a 2/255 and 4/255 with
@@ -37,12 +38,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ue_lightning.compose import compose
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out" / "cpu-protocol"
 NPZ = REPO.parent / "shared" / "data" / "cifar10-jpeg75-subset.npz"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 DATA = ["--data.root", str(NPZ)]
-GENERATORS = ("em-samplewise", "em-classwise", "rem", "collapse", "tue", "rem-rho2", "collapse-rho2")
+DATA_CONFIG = str(REPO / "configs" / "data" / "cifar10-npz-cpu.yaml")
+#: name -> the configs composed on DATA_CONFIG (each followed by its overlay for that data, ue_lightning.compose);
+#: data collapse is REM's loop plus its score step, and the rho2 variants are overlays given last.
+GENERATORS = {name: [str(REPO / "configs" / "generator" / f"{m}.yaml") for m in methods] for name, methods in {
+    "em-samplewise": ["em-samplewise"], "em-classwise": ["em-classwise"], "rem": ["rem"],
+    "collapse": ["rem", "collapse"], "tue": ["tue"], "rem-rho2": ["rem", "cifar10-npz-cpu/rem-rho2"],
+    "collapse-rho2": ["rem", "collapse", "cifar10-npz-cpu/collapse-rho2"]}.items()}
 NEEDS_SCORE = ("collapse", "collapse-rho2")
 AT_DATA = ("clean", "em-samplewise", "rem", "collapse")
 
@@ -78,12 +87,17 @@ def ue(*args: str) -> list[str]:
     return ["-m", "ue_lightning.cli", *args]
 
 
+def configs(paths: list[str]) -> list[str]:
+    """``--config P`` for each path, in merge order."""
+    return [arg for path in paths for arg in ("--config", path)]
+
+
 # ---------------------------------------------------------------------------------- stages
 def score_stage() -> Path:
     ckpt = OUT / "score" / "last.ckpt"
     if not ckpt.exists():
-        run("score", ue("fit", "--config", "configs/score/cifar10-npz-cpu.yaml", *DATA, *QUIET,
-                        "--trainer.default_root_dir", str(OUT / "score"),
+        score = compose(DATA_CONFIG, str(REPO / "configs" / "score" / "dsm.yaml"))
+        run("score", ue("fit", *configs(score), *DATA, *QUIET, "--trainer.default_root_dir", str(OUT / "score"),
                         "--trainer.callbacks.dirpath", str(OUT / "score")), OUT / "logs" / "score.log")
     return ckpt
 
@@ -94,15 +108,14 @@ def generator_stage(name: str) -> Path:
     if noise.exists():
         return noise
     folder = OUT / "generator" / name
-    config = f"configs/generator/{name}-cifar10-npz-cpu.yaml"
     callbacks = json.dumps([
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"dirpath": str(folder), "save_last": True, "save_top_k": 0, "enable_version_counter": False,
                        "every_n_train_steps": 10}},
         {"class_path": "ue_lightning.callbacks.PerturbationWriter", "init_args": {"output": str(noise)}}])
     extra = ["--model.init_args.score_checkpoint", str(score_stage())] if name in NEEDS_SCORE else []
-    base = ["--config", config, *DATA, *QUIET, *extra, "--trainer.default_root_dir", str(folder),
-            "--trainer.callbacks", callbacks]
+    base = [*configs(compose(DATA_CONFIG, *GENERATORS[name])), *DATA, *QUIET, *extra,
+            "--trainer.default_root_dir", str(folder), "--trainer.callbacks", callbacks]
     ckpt = folder / "last.ckpt"
     if not (folder / "fit.done").exists():
         resume = ["--ckpt_path", str(ckpt)] if ckpt.exists() else []

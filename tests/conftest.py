@@ -18,6 +18,19 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 REPO = Path(__file__).resolve().parents[1]
 
 
+def shipped(data: str, *methods: str) -> list[str]:
+    """The shipped configs of a run, in merge order: ``configs/data/<data>.yaml``, then each
+    ``configs/<method>.yaml`` (e.g. ``generator/rem``) followed by its overlay for that data where there is one."""
+    from ue_lightning.compose import compose
+
+    return compose(REPO / "configs" / "data" / f"{data}.yaml", *(REPO / "configs" / f"{m}.yaml" for m in methods))
+
+
+def config_args(*configs: str | Path) -> list[str]:
+    """``--config C`` for each config, in order."""
+    return [arg for config in configs for arg in ("--config", str(config))]
+
+
 def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, run_ue
+from conftest import config_args, run_ue, shipped
 from torch.utils.data import DataLoader
 
 from ue_lightning.data import UEDataModule
@@ -215,16 +215,15 @@ def _check_file(path: Path, method: str, epsilon: int, dm: UEDataModule) -> Nois
 
 def test_ue_predict_writes_baseline_noise_files(tmp_path, digits_victim):
     """The shipped digits configs, through `ue predict` without --ckpt_path."""
-    cfg = REPO / "configs" / "generator"
     dm = UEDataModule("digits")
     out = {name: tmp_path / f"{name}.safetensors" for name in ("random", "lsp", "tap")}
     eight = ("--data.resize", "8")  # the 8x8 digits of digits_victim
-    run_ue("predict", "--config", str(cfg / "random-digits.yaml"), "--trainer.callbacks.output", str(out["random"]),
-           "--data.eval_batch_size", "100", *eight, cwd=tmp_path)
-    run_ue("predict", "--config", str(cfg / "lsp-digits.yaml"), "--trainer.callbacks.output", str(out["lsp"]),
-           *eight, cwd=tmp_path)
-    run_ue("predict", "--config", str(cfg / "tap-digits.yaml"), "--trainer.callbacks.output", str(out["tap"]), *eight,
-           "--model.init_args.classifier_checkpoint", str(digits_victim), "--model.init_args.steps", "2",
+    def configs(name: str) -> list[str]:
+        return [*config_args(*shipped("digits", f"generator/{name}")), "--trainer.callbacks.output", str(out[name])]
+
+    run_ue("predict", *configs("random"), "--data.eval_batch_size", "100", *eight, cwd=tmp_path)
+    run_ue("predict", *configs("lsp"), *eight, cwd=tmp_path)
+    run_ue("predict", *configs("tap"), *eight, "--model.init_args.classifier_checkpoint", str(digits_victim), "--model.init_args.steps", "2",
            "--model.init_args.step_size", "4", cwd=tmp_path)
     random = _check_file(out["random"], "random", 8, dm)
     x, y, index = _batch(dm, dm.num_train_samples)  # the same seed and indices give the same file, in process

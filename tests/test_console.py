@@ -19,7 +19,7 @@ import pytest
 import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from conftest import REPO
+from conftest import REPO, config_args, shipped
 from ue_lightning.console import progress
 
 #: What a warning looks like on the console: Python's "file.py:12: Category: message" and Lightning's
@@ -37,24 +37,18 @@ TINY = {
                  "trainer": {"max_steps": 2, "log_every_n_steps": 1}},
     "victim": {"trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "log_every_n_steps": 1}},
 }
-SOURCES = {"score": "score/digits.yaml", "em-classwise": "generator/em-classwise-digits.yaml",
-           "tue": "generator/tue-digits.yaml", "collapse": "generator/collapse-digits.yaml",
-           "victim": "victim/digits.yaml"}
+#: Each stage's shipped configs; `ue pipeline` composes the first three with the digits data and its overlays.
+SOURCES = {"score": ["score/dsm"], "em-classwise": ["generator/em-classwise"], "tue": ["generator/tue"],
+           "collapse": ["generator/rem", "generator/collapse"], "victim": ["victim/digits"]}
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(base.get(key) or {}, value) if isinstance(value, dict) else value
-    return out
-
-
-def _tiny_configs(folder: Path) -> dict[str, str]:
+def _tiny_configs(folder: Path) -> dict[str, list[str]]:
+    """Each stage's configs, then a last one that makes it tiny."""
     paths = {}
-    for name, source in SOURCES.items():
-        config = _merge(yaml.safe_load((REPO / "configs" / source).read_text()), TINY[name])
-        paths[name] = str(folder / f"{name}.yaml")
-        Path(paths[name]).write_text(yaml.safe_dump(config))
+    for name, sources in SOURCES.items():
+        tiny = folder / f"{name}.yaml"
+        tiny.write_text(yaml.safe_dump(TINY[name]))
+        paths[name] = [*(str(REPO / "configs" / f"{source}.yaml") for source in sources), str(tiny)]
     return paths
 
 
@@ -71,8 +65,8 @@ def _run(*args: str, cwd: Path) -> str:
 def test_pipeline_prints_its_stages_table_and_verdicts_only(tmp_path):
     configs = _tiny_configs(tmp_path)
     generators = {name: configs[name] for name in ("em-classwise", "tue", "collapse")}
-    out = _run("pipeline", "--score", configs["score"], "--generators", json.dumps(generators),
-               "--victim", configs["victim"], "--workdir", str(tmp_path / "work"), cwd=tmp_path)
+    out = _run("pipeline", "--data", str(REPO / "configs/data/digits.yaml"), "--score", json.dumps(configs["score"]), "--generators", json.dumps(generators),
+               "--victim", json.dumps(configs["victim"]), "--workdir", str(tmp_path / "work"), cwd=tmp_path)
     lines = out.splitlines()
     assert not [line for line in lines if NOISE.search(line)], out
 
@@ -92,7 +86,7 @@ def test_pipeline_prints_its_stages_table_and_verdicts_only(tmp_path):
 
 def test_fit_logs_tensorboard_and_csv_without_warnings(tmp_path):
     """`ue fit` of an EM generator (round checkpoints, no validation step) on the digits, one round."""
-    out = _run("fit", "--config", str(REPO / "configs/generator/em-classwise-digits.yaml"),
+    out = _run("fit", *config_args(*shipped("digits", "generator/em-classwise")),
                "--model.init_args.max_rounds", "1", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
     assert not [line for line in out.splitlines() if NOISE.search(line)], out
     logs = tmp_path / "runs/generator/em-classwise-digits/lightning_logs"

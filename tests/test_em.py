@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, run_ue
+from tests.conftest import config_args, run_ue, shipped
 from ue_lightning.callbacks import PerturbationWriter
 from ue_lightning.data import UEDataModule
 from ue_lightning.data.noise_file import NoiseFile, quantize_delta
@@ -337,30 +337,36 @@ def test_first_unseen_keeps_each_index_once_per_pass():
 
 
 # ---------------------------------------------------------------------------------- DDP
-def _config(tmp: Path, mode: str, name: str, noise_batch_size: int, noise_store: str = "memory") -> Path:
-    """The repo's digits config, shrunk: width 4, 201 samples, a fixed surrogate (train_steps 0), 2 rounds."""
-    config = yaml.safe_load((REPO / f"configs/generator/em-{mode}-digits.yaml").read_text())
-    config["model"]["init_args"].update(width=4, train_steps=0, max_rounds=2, steps=3,
-                                        noise_batch_size=noise_batch_size, classwise_subset=1.0,
-                                        noise_store=noise_store)
-    config["data"]["train_subset"] = 201  # odd: DistributedSampler pads, the pass must drop the duplicate
-    config["trainer"].update(default_root_dir=str(tmp / name), enable_progress_bar=False)
-    checkpoint, writer = config["trainer"]["callbacks"]
-    checkpoint["init_args"]["dirpath"] = str(tmp / name / "ckpt")
-    writer["init_args"]["output"] = str(tmp / name / "noise.safetensors")
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
+def _shrunk(path: Path, model: dict, data: dict, root: Path, **checkpoint) -> Path:
+    """An overlay at ``path`` that shrinks a shipped generator config: ``model``'s and ``data``'s settings, all
+    files below ``root`` (the callbacks list merges item by item with the config's, by class_path)."""
+    path.write_text(yaml.safe_dump({
+        "model": {"init_args": model}, "data": data,
+        "trainer": {"default_root_dir": str(root), "enable_progress_bar": False, "callbacks": [
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(root / "ckpt"), **checkpoint}},
+            {"class_path": "ue_lightning.callbacks.PerturbationWriter",
+             "init_args": {"output": str(root / "noise.safetensors")}}]}}))
     return path
+
+
+def _config(tmp: Path, mode: str, name: str, noise_batch_size: int, noise_store: str = "memory") -> list[str]:
+    """The repo's digits configs, shrunk: width 4, 201 samples, a fixed surrogate (train_steps 0), 2 rounds."""
+    overlay = _shrunk(tmp / f"{name}.yaml", dict(width=4, train_steps=0, max_rounds=2, steps=3,
+                                                 noise_batch_size=noise_batch_size, classwise_subset=1.0,
+                                                 noise_store=noise_store),
+                      {"train_subset": 201}, tmp / name)  # 201, odd: DistributedSampler pads, the pass drops it
+    return config_args(*shipped("digits", f"generator/em-{mode}"), overlay)
 
 
 DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
 
 
-def _fit_in_process(config: Path) -> ErrorMinimizingNoise:
+def _fit_in_process(config: list[str]) -> ErrorMinimizingNoise:
     """The same run on one process, through the same CLI parser (no subprocess needed)."""
     from ue_lightning.cli import build_cli
 
-    cli = build_cli(["fit", "--config", str(config)])
+    cli = build_cli(["fit", *config])
     return cli.model
 
 
@@ -380,13 +386,13 @@ def test_ddp_samplewise_noise_and_file_equal_one_process(tmp_path):
     """
     one = _fit_in_process(_config(tmp_path, "samplewise", "one", 32))
     two_cfg = _config(tmp_path, "samplewise", "two", 16, noise_store="file")
-    run_ue("fit", "--config", str(two_cfg), *DDP, env=ONE_THREAD)
+    run_ue("fit", *two_cfg, *DDP, env=ONE_THREAD)
     two = torch.load(tmp_path / "two/ckpt/last.ckpt", weights_only=False)[CHECKPOINT_KEY]
     assert one.rounds == two["rounds"] == 2 and one.pass_accuracy == two["pass_accuracy"]
     assert one.noise.abs().max() > 0
     assert torch.equal(one.noise, two["noise"])
 
-    run_ue("predict", "--config", str(two_cfg), "--ckpt_path", str(tmp_path / "two/ckpt/last.ckpt"), *DDP,
+    run_ue("predict", *two_cfg, "--ckpt_path", str(tmp_path / "two/ckpt/last.ckpt"), *DDP,
            env=ONE_THREAD)
     file_two = NoiseFile.open(tmp_path / "two/noise.safetensors")
     file_one = write_noise(one, digits(train_subset=201, eval_batch_size=32, resize=16),  # the config's data
@@ -404,7 +410,7 @@ def test_ddp_classwise_noise_equals_one_process(tmp_path):
     here runs over all 201 samples (``classwise_subset=1``) in 7 sequential batch updates.
     """
     one = _fit_in_process(_config(tmp_path, "classwise", "one", 32))
-    run_ue("fit", "--config", str(_config(tmp_path, "classwise", "two", 16)), *DDP, env=ONE_THREAD)
+    run_ue("fit", *_config(tmp_path, "classwise", "two", 16), *DDP, env=ONE_THREAD)
     two = torch.load(tmp_path / "two/ckpt/last.ckpt", weights_only=False)[CHECKPOINT_KEY]
     assert one.rounds == two["rounds"] == 2 and one.pass_accuracy == two["pass_accuracy"]
     assert one.noise.abs().max() > 0
@@ -427,17 +433,12 @@ def test_a_killed_em_fit_resumes_from_its_last_round(tmp_path):
     """The shipped config saves last.ckpt every round: a fit killed in round 3 loses at most that round."""
     from ue_lightning.cli import build_cli
 
-    config = yaml.safe_load((REPO / "configs/generator/em-samplewise-digits.yaml").read_text())
-    config["model"]["init_args"].update(width=4, train_steps=2, steps=2, max_rounds=4)
-    config["model"]["init_args"]["stop_accuracy"] = 1.01  # run to the cap
-    config["data"].update(train_subset=64, batch_size=16, resize=8)
-    config["trainer"].update(default_root_dir=str(tmp_path), enable_progress_bar=False)
-    checkpoint = config["trainer"]["callbacks"][0]["init_args"]
-    checkpoint.update(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2)
-    path = tmp_path / "em.yaml"
-    path.write_text(yaml.safe_dump(config))
+    overlay = _shrunk(tmp_path / "em.yaml", dict(width=4, train_steps=2, steps=2, max_rounds=4,
+                                                 stop_accuracy=1.01),  # run to the cap
+                      dict(train_subset=64, batch_size=16, resize=8), tmp_path, every_n_train_steps=2)
+    config = config_args(*shipped("digits", "generator/em-samplewise"), overlay)
 
-    cli = build_cli(["--config", str(path)], run=False)
+    cli = build_cli(config, run=False)
     cli.trainer.callbacks.append(_Kill(after=2))
     with pytest.raises(RuntimeError, match="killed"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -445,6 +446,6 @@ def test_a_killed_em_fit_resumes_from_its_last_round(tmp_path):
     saved = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)[CHECKPOINT_KEY]
     assert saved["rounds"] >= 1 and saved["noise"].abs().max() > 0  # at most the round in progress is lost
 
-    resumed = build_cli(["fit", "--config", str(path), "--ckpt_path", str(tmp_path / "ckpt/last.ckpt")]).model
+    resumed = build_cli(["fit", *config, "--ckpt_path", str(tmp_path / "ckpt/last.ckpt")]).model
     assert resumed.rounds == 4 and resumed.stopped
     assert resumed.surrogate_steps == 8  # the SGD steps before the kill were not redone

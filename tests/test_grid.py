@@ -41,7 +41,7 @@ def test_two_cells_run_resume_and_render(tmp_path, fake_npz, capsys):
     grid_file = _write(tmp_path / "tiny.yaml", {
         "output": str(tmp_path / "out"),
         "datasets": {"fake": _npz_dataset(fake_npz)},
-        "sources": {"clean": None, "random": str(REPO / "configs/generator/random-cifar10-npz-cpu.yaml")},
+        "sources": {"clean": None, "random": str(REPO / "configs/generator/random.yaml")},
         "victims": {"r18w4": TINY_VICTIM}})
     run_grid(str(grid_file))
     grid = load_grid(grid_file)
@@ -90,9 +90,9 @@ def _fake_grid(tmp_path: Path) -> Path:
         "name": "g", "output": str(tmp_path / "out"),
         "datasets": {"digits": {"config": str(REPO / "configs/data/digits.yaml"), "args": {"data.resize": 16}}},
         "sources": {"clean": None,
-                    "em": str(REPO / "configs/generator/em-classwise-{dataset}.yaml"),
-                    "collapse": {"generator": str(REPO / "configs/generator/collapse-{dataset}.yaml"),
-                                 "score": str(REPO / "configs/score/{dataset}.yaml")}},
+                    "em": str(REPO / "configs/generator/em-classwise.yaml"),
+                    "collapse": {"generator": [str(REPO / f"configs/generator/{m}.yaml") for m in ("rem", "collapse")],
+                                 "score": str(REPO / "configs/score/dsm.yaml")}},
         "surrogates": ["resnet18", "vgg16"],
         "victims": {"r18": str(REPO / "configs/victim/digits.yaml")},
         "adv_radii": [0, 8], "protected_fractions": [0.5, 1.0], "seeds": [0, 1],
@@ -126,7 +126,7 @@ def test_grid_errors_name_the_fix(tmp_path):
             "victims": {"v": str(REPO / "configs/victim/digits.yaml")}}
     with pytest.raises(ValueError, match="score"):  # collapse without its score model
         load_grid(_write(tmp_path / "a.yaml", {**base, "sources": {
-            "c": str(REPO / "configs/generator/collapse-digits.yaml")}}))
+            "c": [str(REPO / f"configs/generator/{m}.yaml") for m in ("rem", "collapse")]}}))
     with pytest.raises(ValueError, match="unknown keys"):
         load_grid(_write(tmp_path / "b.yaml", {**base, "sources": {"clean": None}, "seed": [0]}))
     with pytest.raises(FileNotFoundError, match="relative to the directory"):
@@ -198,7 +198,7 @@ def test_failed_stage_is_reported_and_its_dependants_skipped(tmp_path, capsys):
     grid = load_grid(_write(tmp_path / "f.yaml", {
         "output": str(tmp_path / "out"),
         "datasets": {"d": str(REPO / "configs/data/digits.yaml")},
-        "sources": {"em": {"generator": str(REPO / "configs/generator/em-classwise-digits.yaml"),
+        "sources": {"em": {"generator": str(REPO / "configs/generator/em-classwise.yaml"),
                            "args": {"model.init_args.width": -3}}},
         "victims": {"v": str(REPO / "configs/victim/digits.yaml")}}))
     failed = run_local(list(grid.stages.values()))

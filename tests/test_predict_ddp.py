@@ -6,16 +6,16 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import REPO, run_ue
+from conftest import config_args, run_ue, shipped
 from ue_lightning.data import UEDataModule
 from ue_lightning.data.noise_file import NoiseFile
 
-CONFIG = REPO / "configs" / "generator" / "rem-digits.yaml"
+CONFIG = config_args(*shipped("digits", "generator/rem"))
 NOISE = Path("runs/noise/rem-digits.safetensors")
 CKPT = "runs/generator/rem-digits/checkpoints/last.ckpt"
 # 63 samples: 2 ranks x batch 8 = 16 does not divide 63, so DistributedSampler pads rank 1 with a duplicate,
 # and the per-rank batches (every other sample) differ from the one-process batches.
-TINY = ["--config", str(CONFIG), "--data.train_subset", "63", "--data.batch_size", "16", "--data.eval_batch_size", "8",
+TINY = [*CONFIG, "--data.train_subset", "63", "--data.batch_size", "16", "--data.eval_batch_size", "8",
         "--model.init_args.width", "4", "--model.init_args.steps", "2", "--model.init_args.adv_steps", "2",
         "--model.init_args.eot_samples", "2", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false"]

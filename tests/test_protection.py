@@ -35,8 +35,8 @@ def threads(request):
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 def test_pipeline_protects_digits(tmp_path, monkeypatch, threads):
     monkeypatch.chdir(tmp_path)  # the configs' relative runs/ folders land here
-    results = run_pipeline(score=str(REPO / "configs/score/digits.yaml"),
-                           generators={name: str(REPO / f"configs/generator/{name}-digits.yaml")
+    results = run_pipeline(data=str(REPO / "configs/data/digits.yaml"), score=str(REPO / "configs/score/dsm.yaml"),
+                           generators={name: str(REPO / f"configs/generator/{name}.yaml")
                                        for name in ("em-classwise", "tue")},
                            victim=str(REPO / "configs/victim/digits.yaml"), workdir="work")
     clean = results["clean"]["rho_a=0"]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import REPO, run_ue
+from conftest import config_args, run_ue, shipped
 from ue_lightning.modules import ScoreEstimator
 from ue_lightning.modules.score import ScoreCheckpointError, geometric_sigmas
 from ue_lightning.sample_rng import indexed_normal
@@ -181,7 +181,7 @@ def test_several_sigmas_condition_on_the_level_and_score_uses_the_smallest():
 
 def test_ue_fit_digits_config_writes_a_checkpoint_load_for_accepts(tmp_path: Path):
     # run in tmp_path: the config's checkpoint dirpath (runs/score/digits/checkpoints) is relative
-    run_ue("fit", "--config", str(REPO / "configs/score/digits.yaml"), "--data.resize", "8", "--trainer.max_steps", "4",
+    run_ue("fit", *config_args(*shipped("digits", "score/dsm")), "--data.resize", "8", "--trainer.max_steps", "4",
            "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path / "root"),
            "--trainer.enable_progress_bar", "false", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     last = tmp_path / "runs/score/digits/checkpoints/last.ckpt"

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import REPO, run_ue
+from conftest import config_args, run_ue, shipped
 from ue_lightning.attacks import pgd_minimize
 from ue_lightning.data import NoiseFile, UEDataModule
 from ue_lightning.modules import TransferableNoise
@@ -181,7 +181,7 @@ def test_generator_refuses_augmented_data_and_predicting_untrained(tmp_path):
         _tiny_generator(step_size=0.003)
 
 
-CLI = ["--config", str(REPO / "configs/generator/tue-digits.yaml"), "--model.init_args.width", "4",
+CLI = [*config_args(*shipped("digits", "generator/tue")), "--model.init_args.width", "4",
        "--model.init_args.steps", "4", "--model.init_args.train_steps", "5", "--data.train_subset", "200",
        "--data.batch_size", "40", "--data.resize", "8", "--model.init_args.epsilon", "8",  # _tiny_generator's
        "--model.init_args.step_size", "0.8", "--trainer.enable_progress_bar", "false",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_ue
+from conftest import REPO, config_args, run_ue, shipped
 from ue_lightning.modules import VictimClassifier
 
 TINY = ["--config", str(REPO / "configs/victim/digits.yaml"), "--model.init_args.width", "4",
@@ -99,7 +99,7 @@ def test_ue_predict_keeps_no_predictions_in_memory(monkeypatch, tmp_path):
 
     seen = {}
     monkeypatch.setattr(L.Trainer, "predict", lambda self, **kw: seen.update(kw))
-    cli.build_cli(["predict", "--config", str(REPO / "configs/generator/random-digits.yaml"),
+    cli.build_cli(["predict", *config_args(*shipped("digits", "generator/random")),
                    "--trainer.callbacks.output", str(tmp_path / "n.safetensors")])
     assert seen["return_predictions"] is False
 
@@ -138,7 +138,7 @@ def _parse_only(monkeypatch, *args: str):
 
 def test_a_checkpoint_of_another_module_is_refused(monkeypatch, victim_checkpoint):
     with pytest.raises(ValueError, match="holds a VictimClassifier, but the config's model is a RandomNoise"):
-        _parse_only(monkeypatch, "predict", "--config", str(REPO / "configs/generator/random-digits.yaml"),
+        _parse_only(monkeypatch, "predict", *config_args(*shipped("digits", "generator/random")),
                     "--data.resize", "8", "--ckpt_path", str(victim_checkpoint))
 
 

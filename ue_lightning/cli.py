@@ -4,7 +4,7 @@ Examples::
 
     ue fit --config configs/data/cifar10.yaml --config configs/victim/resnet18.yaml
     ue test --config configs/data/cifar10.yaml --config configs/victim/resnet18.yaml --ckpt_path last.ckpt
-    ue predict --config configs/generator/rem-cifar10.yaml --ckpt_path generator.ckpt
+    ue predict --config configs/data/cifar10.yaml --config configs/generator/rem.yaml --ckpt_path generator.ckpt
     ue export --noise noise.safetensors --dataset cifar10 --root data --output protected/ --format png
     ue protect --input my-photos/ --output my-photos-protected/
 """
@@ -35,8 +35,8 @@ commands:
 examples:
   ue pipeline                                        # everything on the embedded digits, ~3 min
   ue protect --input my-photos/ --output my-photos-protected/   # + report.md, grid.png
-  ue fit --config configs/generator/em-samplewise-cifar10.yaml
-  ue predict --config configs/generator/em-samplewise-cifar10.yaml --ckpt_path <last.ckpt>
+  ue fit --config configs/data/cifar10.yaml --config configs/generator/em-samplewise.yaml
+  ue predict --config configs/data/cifar10.yaml --config configs/generator/em-samplewise.yaml --ckpt_path <last.ckpt>
   ue fit --config configs/data/cifar10.yaml --config configs/victim/resnet18.yaml \\
       --data.perturbation runs/noise/em-samplewise-cifar10.safetensors
 """

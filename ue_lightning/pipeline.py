@@ -21,6 +21,7 @@ from typing import Iterator
 import yaml
 
 from ue_lightning.callbacks import PerturbationWriter
+from ue_lightning.compose import compose
 from ue_lightning.console import TransientProgressBar, debugging
 from ue_lightning.lightning_cli import build_cli
 
@@ -32,20 +33,25 @@ def _check_config(path: str) -> str:
     return path
 
 
-def _uses_score_model(config: str) -> bool:
-    model = (yaml.safe_load(Path(config).read_text()) or {}).get("model", {})
-    return "score_checkpoint" in (model.get("init_args") or {})
+def _uses_score_model(configs: list[str]) -> bool:
+    for config in configs:
+        model = (yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}
+        if "score_checkpoint" in (model.get("init_args") or {}):
+            return True
+    return False
 
 
-def stage_cli(config: str, root: Path, *overrides: str):
-    """The LightningCLI of one stage (not run): ``config`` plus ``overrides``, writing only below ``root``,
-    logging to CSV (``root/logs``), no checkpoints, no progress bar. The notebook uses it too."""
+def stage_cli(config: str | list[str], root: Path, *overrides: str):
+    """The LightningCLI of one stage (not run): ``config`` (one path, or several merged in order) plus
+    ``overrides``, writing only below ``root``, logging to CSV (``root/logs``), no checkpoints, no progress bar.
+    The notebook uses it too."""
     # The configs' callbacks write checkpoints and noise files to their own runs/ folders; the pipeline keeps
     # its models in memory and writes everything it keeps below its workdir instead. Lightning's bars are
     # shown on a terminal only, and cleared after each loop: the stage lines are the pipeline's record.
     terminal = sys.stdout.isatty()
     callbacks = [{"class_path": f"{TransientProgressBar.__module__}.TransientProgressBar"}] if terminal else []
-    args = ["--config", _check_config(config), "--trainer.default_root_dir", str(root),
+    configs = [config] if isinstance(config, str) else list(config)
+    args = [*(a for c in configs for a in ("--config", _check_config(c))), "--trainer.default_root_dir", str(root),
             "--trainer.callbacks", json.dumps(callbacks), "--trainer.enable_checkpointing", "false",
             "--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger",
                                             "init_args": {"save_dir": str(root), "name": "logs"}}),
@@ -91,20 +97,32 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+#: The default generators, each composed with ``data`` (collapse is REM's loop plus the score step).
+GENERATORS: dict[str, str | list[str]] = {
+    "em-classwise": "configs/generator/em-classwise.yaml", "tue": "configs/generator/tue.yaml",
+    "em-samplewise": "configs/generator/em-samplewise.yaml", "rem": "configs/generator/rem.yaml",
+    "collapse": ["configs/generator/rem.yaml", "configs/generator/collapse.yaml"]}
+
+
 def run_pipeline(
-    score: str | None = "configs/score/digits.yaml",
-    generators: dict[str, str] | None = None,
-    victim: str = "configs/victim/digits.yaml",
+    data: str = "configs/data/digits.yaml",
+    score: str | list[str] | None = "configs/score/dsm.yaml",
+    generators: dict[str, str | list[str]] | None = None,
+    victim: str | list[str] = "configs/victim/digits.yaml",
     adv_radii: list[float] | None = None,
     workdir: str = "runs/pipeline/digits",
 ) -> dict[str, dict[str, float]]:
     """Run score estimator, generators, noise files and victims; print the accuracy table.
 
+    Each of ``score``, a generator and ``victim`` is one config or several, merged in order.
+
     Args:
+        data: the data config of the score estimator and the generators; each of their configs is composed
+            with it, and with its overlay for it where there is one (``ue_lightning.compose``).
         score: ScoreEstimator config (None: skip, for generators that need no score model).
-        generators: name -> generator config (default: EM class-wise, TUE, EM sample-wise, REM and
-            collapse on the embedded digits).
-        victim: VictimClassifier config (its data section is the one the victims train on).
+        generators: name -> generator config (default: EM class-wise, TUE, EM sample-wise, REM and collapse
+            on the embedded digits; collapse is ``[rem.yaml, collapse.yaml]``, REM's loop plus the score step).
+        victim: VictimClassifier config, whole (its data section is the one the victims train on).
         adv_radii: adversarial-training radii of the victims, in 1/255 units (0: standard training).
         workdir: where checkpoints, noise files and ``results.json`` go.
 
@@ -112,29 +130,38 @@ def run_pipeline(
         ``{train data name: {"rho_a=R": {"train_acc": ..., "test_acc": ...}}}``, accuracies in [0, 1]
         (``test_acc``: on the clean test set, the measure of protection).
     """
-    generators = generators if generators is not None else {
-        name: f"configs/generator/{name}-digits.yaml"
-        for name in ("em-classwise", "tue", "em-samplewise", "rem", "collapse")}
+    methods = generators if generators is not None else GENERATORS
+    for config in [data, *_as_list(score), *_as_list(victim), *(c for m in methods.values() for c in _as_list(m))]:
+        _check_config(config)
+    composed = {name: compose(data, *_as_list(m)) for name, m in methods.items()}
     adv_radii = adv_radii if adv_radii is not None else [0.0]
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    for config in [c for c in (score, victim, *generators.values()) if c]:
-        _check_config(config)
     with _lightning_info_off():
-        results = _run_stages(score, generators, victim, adv_radii, work)
+        results = _run_stages(compose(data, *_as_list(score)) if score else None, composed, _as_list(victim),
+                              adv_radii, work)
     print()
     print(format_table(results))
     print(format_verdicts(results))
     return results
 
 
-def _run_stages(score: str | None, generators: dict[str, str], victim: str, adv_radii: list[float],
+def _as_list(configs: str | list[str] | None) -> list[str]:
+    return [] if configs is None else [configs] if isinstance(configs, str) else list(configs)
+
+
+def _names(configs: list[str]) -> str:
+    """``data/digits.yaml + generator/rem.yaml + digits/rem.yaml``: each config by its folder and name."""
+    return " + ".join("/".join(Path(c).parts[-2:]) for c in configs)
+
+
+def _run_stages(score: list[str] | None, generators: dict[str, list[str]], victim: list[str], adv_radii: list[float],
                 work: Path) -> dict[str, dict[str, dict[str, float]]]:
     needs_score = bool(score) and any(_uses_score_model(c) for c in generators.values())
     stage = _Stages(needs_score + len(generators) + (1 + len(generators)) * len(adv_radii))
     score_ckpt = None
     if needs_score:
-        with stage(f"score estimator ({score})"):
+        with stage(f"score estimator ({_names(score)})"):
             cli = stage_cli(score, work / "score")
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
             score_ckpt = work / "score.ckpt"
@@ -144,7 +171,7 @@ def _run_stages(score: str | None, generators: dict[str, str], victim: str, adv_
     for name, config in generators.items():
         extra = ["--model.init_args.score_checkpoint", str(score_ckpt)] if _uses_score_model(config) and score_ckpt else []
         output = work / "noise" / f"{name}.safetensors"
-        with stage(f"generator {name} ({config})"):
+        with stage(f"generator {name} ({_names(config)})"):
             cli = stage_cli(config, work / "generator" / name, *extra)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
             cli.trainer.callbacks.append(PerturbationWriter(str(output)))

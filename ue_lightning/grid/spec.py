@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from ue_lightning.compose import compose
+
 #: A cell's coordinates, in table order.
 AXES = ("dataset", "source", "surrogate", "victim", "adv_radius", "defence", "protected_fraction", "seed")
 #: Grid-file key of each axis.
@@ -124,7 +126,10 @@ def _as_list(value: Any) -> list:
 
 
 def _normalise_entries(axis: str, raw: Any) -> dict[str, dict]:
-    """A mapping axis (datasets, sources, victims, surrogates) as ``{name: {config/generator/score, args}}``."""
+    """A mapping axis (datasets, sources, victims, surrogates) as ``{name: {config/generator/score, args}}``.
+
+    A config is a path or a list of paths merged in order; a source's generator and score configs are composed
+    with the dataset's (``ue_lightning.compose``: the dataset's configs, then each one and its overlay)."""
     if axis == "surrogate" and isinstance(raw, list):  # [vgg16, resnet18]: the generators' architecture
         return {str(a): {"args": {"model.init_args.arch": a}} for a in raw}
     if not isinstance(raw, dict) or not raw:
@@ -133,12 +138,13 @@ def _normalise_entries(axis: str, raw: Any) -> dict[str, dict]:
     for name, spec in raw.items():
         if axis == "source" and spec in (None, "clean"):
             spec = {}
-        elif isinstance(spec, str):
+        elif isinstance(spec, (str, list)):  # a config, or configs merged in order
             spec = {"generator" if axis == "source" else "config": spec}
         elif axis == "surrogate" and isinstance(spec, dict) and "args" not in spec:
             spec = {"args": spec}
         if not isinstance(spec, dict):
-            raise ValueError(f"grid: {axis} {name!r}: expected a config path or a mapping, got {spec!r}")
+            raise ValueError(f"grid: {axis} {name!r}: expected a config path, a list of them or a mapping, "
+                             f"got {spec!r}")
         allowed = {"source": {"generator", "score", "args"}, "surrogate": {"args"}}.get(axis, {"config", "args"})
         if set(spec) - allowed:
             raise ValueError(f"grid: {axis} {name!r}: unknown keys {sorted(set(spec) - allowed)} "
@@ -198,8 +204,8 @@ def _changes(overrides: dict, contents: list[dict]) -> dict:
     return {k: v for k, v in overrides.items() if _lookup(contents, k) != v}
 
 
-def _needs_score(generator: dict) -> bool:
-    return "score_checkpoint" in (((generator.get("model") or {}).get("init_args")) or {})
+def _needs_score(contents: list[dict]) -> bool:
+    return _lookup(contents, "model.init_args.score_checkpoint") is not _MISSING
 
 
 def read_grid_file(path: str | Path) -> dict:
@@ -252,29 +258,38 @@ class _Planner:
     def _add(self, stage: Stage) -> Stage:
         return self.stages.setdefault(stage.key, stage)
 
-    def score(self, config: str, data_args: dict) -> Stage:
-        path, content = self._config(config, "score config")
-        key = stable_hash({"score": content, "data": data_args})
-        return self._add(Stage("score", key, f"score {Path(path).stem}", str(self.output / "score" / key), [path],
-                               cli_args(data_args), self.cwd, checkpoint_every=_checkpoint_settings([content])))
+    def _composed(self, dataset: dict, configs: Any, what: str) -> tuple[list[str], list[dict]]:
+        """The dataset's configs, then each of ``configs`` followed by its overlay for that data where there is one
+        (``ue_lightning.compose``), as paths and parsed contents."""
+        data = _as_list(dataset.get("config"))
+        paths = [*data[:-1], *compose(data[-1], *_as_list(configs))] if data else _as_list(configs)
+        loaded = [self._config(path, what) for path in paths]
+        return [path for path, _ in loaded], [content for _, content in loaded]
 
-    def generator(self, cell: dict, source: dict, surrogate: dict, data_args: dict, generator_args: dict) -> Stage:
-        path, content = self._config(source["generator"], f"generator config of source {cell['source']!r}")
-        overrides = {**data_args, **generator_args, **surrogate.get("args", {}), **source["args"]}
+    def score(self, cell: dict, configs: Any, dataset: dict) -> Stage:
+        paths, contents = self._composed(dataset, configs, "score config")
+        key = stable_hash({"score": contents, "data": dataset["args"]})
+        return self._add(Stage("score", key, f"score ({cell['dataset']})", str(self.output / "score" / key), paths,
+                               cli_args(dataset["args"]), self.cwd, checkpoint_every=_checkpoint_settings(contents)))
+
+    def generator(self, cell: dict, source: dict, surrogate: dict, dataset: dict, generator_args: dict) -> Stage:
+        paths, contents = self._composed(dataset, source["generator"],
+                                         f"generator config of source {cell['source']!r}")
+        overrides = {**dataset["args"], **generator_args, **surrogate.get("args", {}), **source["args"]}
         needs = []
         if source.get("score"):
-            score = self.score(source["score"], data_args)
+            score = self.score(cell, source["score"], dataset)
             overrides["model.init_args.score_checkpoint"] = str(score.checkpoint)
             needs.append(score.key)
-        elif _needs_score(content) and "model.init_args.score_checkpoint" not in overrides:
+        elif _needs_score(contents) and "model.init_args.score_checkpoint" not in overrides:
             raise ValueError(f"grid: source {cell['source']!r}: {source['generator']} uses a score model; give the "
                              "source a `score:` config (the grid fits it once and passes its checkpoint)")
-        overrides = _changes(overrides, [content])
-        key = stable_hash({"generator": content, "args": overrides})
+        overrides = _changes(overrides, contents)
+        key = stable_hash({"generator": contents, "args": overrides})
         label = cell["source"] + (f"-{cell['surrogate']}" if cell["surrogate"] else "")
         return self._add(Stage("generator", key, f"noise {label} ({cell['dataset']})",
-                               str(self.output / "noise" / key), [path], cli_args(overrides),
-                               self.cwd, needs, _checkpoint_settings([content])))
+                               str(self.output / "noise" / key), paths, cli_args(overrides),
+                               self.cwd, needs, _checkpoint_settings(contents)))
 
     def victim(self, cell: dict, dataset: dict, victim: dict, victim_args: dict, noise: Stage | None) -> Stage:
         paths, contents = [], []
@@ -337,7 +352,7 @@ def load_grid(path: str | Path, cwd: str | None = None) -> Grid:
             noise = None
             if source.get("generator"):
                 noise = planner.generator(cell, _fill(source, cell), _fill(axes["surrogate"][cell["surrogate"]], cell),
-                                          dataset["args"], _fill(part.get("generator_args") or {}, cell))
+                                          dataset, _fill(part.get("generator_args") or {}, cell))
             stage = planner.victim(cell, dataset, _fill(axes["victim"][cell["victim"]], cell),
                                    _fill(part.get("victim_args") or {}, cell), noise)
             cells.setdefault(stage.key, {**cell, "key": stage.key})

@@ -126,7 +126,7 @@ class ErrorMinimizingNoise(StoredNoiseGenerator):
 
     checkpoint_key = CHECKPOINT_KEY
     no_noise_message = ("this checkpoint holds no error-minimising noise: pass the checkpoint of an "
-                        "ErrorMinimizingNoise fit (`ue fit --config configs/generator/em-*.yaml`)")
+                        "ErrorMinimizingNoise fit (`ue fit --config configs/data/<data>.yaml --config configs/generator/em-*.yaml`)")
 
     def __init__(
         self,

@@ -242,6 +242,7 @@ def _check_pixel_sigma(value: float, name: str) -> None:
 
 
 def _training_hint(num_classes: int, in_channels: int, image_size: int) -> str:
-    return ("train a score estimator on this dataset with configs/score/<dataset>.yaml "
-            f"(e.g. `ue fit --config configs/score/cifar10.yaml`; this data has {num_classes} classes, "
+    return ("train a score estimator on this dataset with configs/score/dsm.yaml "
+            "(e.g. `ue fit --config configs/data/cifar10.yaml --config configs/score/dsm.yaml`, plus its overlay "
+            f"configs/score/<data>/dsm.yaml where there is one; this data has {num_classes} classes, "
             f"{in_channels} channels, {image_size}x{image_size} images) and pass its last.ckpt")

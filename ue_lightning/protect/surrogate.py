@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ue_lightning.models.checkpoint import classifier_from_weights, read_classifier_checkpoint
 
-SURROGATES = "ErrorMinimizingNoise or RobustNoiseGenerator (ue fit --config configs/generator/em-*.yaml)"
+SURROGATES = "ErrorMinimizingNoise or RobustNoiseGenerator (ue fit --config configs/data/<data>.yaml --config configs/generator/em-*.yaml)"
 FIX = ("pass the last.ckpt of a generator fit, or leave --checkpoint out to train a quick surrogate on the "
        "folder itself")
 
@@ -77,6 +77,6 @@ def load_class_noise(path: str | Path) -> Tensor:
     state = torch.load(path, map_location="cpu", weights_only=True).get(CHECKPOINT_KEY) or {}
     if state.get("mode") != "classwise" or state.get("noise") is None:
         raise ValueError(f"--checkpoint {path} holds no class-wise noise (--method em-classwise needs the last.ckpt of "
-                         "`ue fit --config configs/generator/em-classwise-*.yaml`): use --method em with it, or "
+                         "`ue fit ... --config configs/generator/em-classwise.yaml`): use --method em with it, or "
                          "leave --checkpoint out to train a quick class-wise generator on the folder")
     return state["noise"].float()

@@ -1,8 +1,9 @@
 """Baseline noises for the tables: TAP, uniform random noise and LSP shortcut noise.
 
 Every baseline is a :class:`~ue_lightning.modules.generator_base.NoiseGenerator` with
-nothing to train: ``ue predict --config configs/generator/<name>-<dataset>.yaml`` (no
-``--ckpt_path``) writes its noise file through ``PerturbationWriter``.
+nothing to train: ``ue predict --config configs/data/<dataset>.yaml --config
+configs/generator/<name>.yaml`` (plus its overlay ``configs/generator/<dataset>/<name>.yaml``
+where there is one; no ``--ckpt_path``) writes its noise file through ``PerturbationWriter``.
 
 CUDA (Sadasivan et al., class-wise convolution filters) is deliberately *not* here. It
 is a multiplicative blur followed by a per-image max normalisation with no L_p budget,

@@ -25,7 +25,7 @@ from ue_lightning.sample_rng import indexed_uniform, salt_of
 _MAKE_ONE = ("train one on the clean data first, e.g. `ue fit --config configs/data/cifar10.yaml "
              "--config configs/victim/resnet18.yaml --trainer.callbacks.dirpath runs/victim/clean-cifar10/checkpoints`"
              ", then point classifier_checkpoint at runs/victim/clean-cifar10/checkpoints/last.ckpt "
-             "(the header of each configs/generator/tap-*.yaml gives its exact command)")
+             "(the header of configs/generator/tap.yaml and of its overlays gives the exact commands)")
 
 
 def load_victim_classifier(path: str | Path, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
