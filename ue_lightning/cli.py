@@ -36,7 +36,8 @@ examples:
   ue pipeline                                        # everything on the embedded digits, ~3 min
   ue protect --input my-photos/ --output my-photos-protected/   # + report.md, grid.png
   ue fit --config configs/data/cifar10.yaml --config configs/generator/em-samplewise.yaml
-  ue predict --config configs/data/cifar10.yaml --config configs/generator/em-samplewise.yaml --ckpt_path <last.ckpt>
+  ue predict --config configs/data/cifar10.yaml --config configs/generator/em-samplewise.yaml \\
+      --ckpt_path runs/generator/em-samplewise-cifar10/checkpoints/last.ckpt
   ue fit --config configs/data/cifar10.yaml --config configs/victim/resnet18.yaml \\
       --data.perturbation runs/noise/em-samplewise-cifar10.safetensors
 """
