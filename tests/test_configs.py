@@ -142,3 +142,18 @@ def test_a_missing_overlay_is_named_and_a_given_path_kept(nothing_read: list[str
     with pytest.warns(UserWarning, match="cifar100/em-samplewise.yaml holds this method's settings"):
         cli = _cli(shipped("cifar100", "generator/em-samplewise")[:2], "--trainer.default_root_dir", "mine")
     assert cli.model.hparams.train_steps == 10 and cli.trainer.default_root_dir == "mine"
+
+
+def test_a_run_name_no_config_gives_is_one_error_naming_each_setting(tmp_path, nothing_read: list[str]):
+    data = tmp_path / "mine.yaml"  # a data config outside a `data` folder: no {data}
+    data.write_text((CONFIGS / "data/cifar10.yaml").read_text())
+    method = str(CONFIGS / "generator/rem.yaml")
+    with pytest.raises(ValueError, match=r"the name: trainer\.callbacks\.init_args\.dirpath, "
+                                         r"trainer\.callbacks\.init_args\.output, trainer\.default_root_dir\."):
+        _cli([str(data), method])
+    paths = tmp_path / "paths.yaml"  # the values given literally
+    paths.write_text(yaml.safe_dump({"trainer": {"default_root_dir": "a", "callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": "b"}},
+        {"class_path": "ue_lightning.callbacks.PerturbationWriter", "init_args": {"output": "c.safetensors"}}]}}))
+    cli = _cli([str(data), method, str(paths)])
+    assert str(next(c for c in cli.trainer.callbacks if isinstance(c, PerturbationWriter)).output) == "c.safetensors"

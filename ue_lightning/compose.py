@@ -43,7 +43,7 @@ def compose(data: str | Path, *methods: str | Path) -> list[str]:
 def run_names(configs: list[Any]) -> dict[str, str]:
     """``{"data": ..., "method": ...}`` from the ``--config`` paths (a name no config gives is left out)."""
     names: dict[str, str] = {}
-    for config in map(lambda c: Path(str(c)), configs):
+    for config in (Path(str(c)) for c in configs):
         if config.parent.name == "data":
             names["data"] = config.stem
         if any(folder in METHOD_FOLDERS for folder in config.parent.parts):
@@ -62,26 +62,32 @@ def missing_overlays(configs: list[Any]) -> list[str]:
     return [str(o) for o in (overlay_for(m, data[-1]) for m in methods) if o.is_file() and o.resolve() not in given]
 
 
-def fill_placeholders(value: Any, names: dict[str, str], where: str = "") -> Any:
-    """``value`` (a Namespace, list, dict or str, walked in place) with ``{data}`` and ``{method}`` filled.
-
-    Raises ValueError for a placeholder no config names (e.g. a data config outside a ``data`` folder)."""
+def fill_placeholders(value: Any, names: dict[str, str], where: str = "", missing: list[str] | None = None) -> Any:
+    """``value`` (a Namespace, list, dict or str, walked in place) with ``{data}`` and ``{method}`` filled from
+    ``names``; the dotted keys of values naming a placeholder that ``names`` lacks are appended to ``missing``."""
     if isinstance(value, str):
         for key in ("data", "method"):
             token = "{" + key + "}"
             if token in value:
-                if key not in names:
-                    raise ValueError(f"{where or 'a config value'} = {value!r} names {token}, but no --config "
-                                     f"{'in a data folder' if key == 'data' else 'below a generator or score folder'}"
-                                     f" gives it: give that value literally (e.g. --{where} ...)")
-                value = value.replace(token, names[key])
+                if key in names:
+                    value = value.replace(token, names[key])
+                elif missing is not None:
+                    missing.append(where)
         return value
     if isinstance(value, Namespace):
         for key, item in vars(value).items():
-            setattr(value, key, fill_placeholders(item, names, f"{where}.{key}" if where else key))
+            setattr(value, key, fill_placeholders(item, names, f"{where}.{key}" if where else key, missing))
         return value
     if isinstance(value, list):
-        return [fill_placeholders(item, names, where) for item in value]
+        return [fill_placeholders(item, names, where, missing) for item in value]
     if isinstance(value, dict):
-        return {key: fill_placeholders(item, names, f"{where}.{key}") for key, item in value.items()}
+        return {key: fill_placeholders(item, names, f"{where}.{key}", missing) for key, item in value.items()}
     return value
+
+
+def unnamed_error(missing: list[str]) -> ValueError:
+    """The error for settings whose ``{data}``/``{method}`` no ``--config`` names, with both ways out."""
+    return ValueError("these settings name the run by its configs' names ({data}: a --config in a folder "
+                      "named data; {method}: one below a generator or score folder), and no --config gives "
+                      f"the name: {', '.join(dict.fromkeys(missing))}. Put the config in such a folder, or give "
+                      "these values literally, in a config of your own given last or as flags")

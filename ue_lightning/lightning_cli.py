@@ -15,7 +15,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from ue_lightning.compose import fill_placeholders, missing_overlays, run_names
+from ue_lightning.compose import fill_placeholders, missing_overlays, run_names, unnamed_error
 from ue_lightning.console import quiet_third_party
 from ue_lightning.data import UEDataModule
 
@@ -96,10 +96,12 @@ def fill_run_names(config) -> None:
     for overlay in missing_overlays(configs):
         rank_zero_warn(f"{overlay} holds this method's settings for this data, and was not given: the method "
                        f"config's own settings are used (add --config {overlay} for the shipped ones)")
-    names = run_names(configs)
+    names, missing = run_names(configs), []
     for key in ("model", "data", "trainer"):
         if key in config:
-            config[key] = fill_placeholders(config[key], names, key)
+            config[key] = fill_placeholders(config[key], names, key, missing)
+    if missing:
+        raise unnamed_error(missing)
 
 
 def default_loggers(root: str) -> list:
