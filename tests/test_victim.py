@@ -234,3 +234,8 @@ def test_airbench_victim_fits_whitened_from_its_train_batches(fake_npz, tmp_path
     fitted = whiten.conv.weight.detach().clone()  # a second fit (a resumed one) keeps the fitted layer
     _tiny_trainer(tmp_path, _WhiteningAtFirstStep(), max_steps=1).fit(model, datamodule=data)
     torch.testing.assert_close(whiten.conv.weight, fitted)
+
+    unfitted = VictimClassifier(arch="airbench", width=4, in_channels=3, image_size=16, fit_whitening=False)
+    _tiny_trainer(tmp_path, _WhiteningAtFirstStep(), max_steps=1).fit(unfitted, datamodule=data)
+    torch.testing.assert_close(unfitted.model.backbone.whiten.conv.weight, untouched)
+    assert not unfitted.model.backbone.whiten.fitted

@@ -61,6 +61,9 @@ class VictimClassifier(L.LightningModule):
             (0: none; airbench uses 0.2). Test and validation accuracy are unaffected.
         tta_flip: at validation and test, average the logits of each image and its horizontal
             mirror (not applied to ``test/robust_acc``'s attack or scoring).
+        fit_whitening: ``airbench`` only: fit its first layer's patch whitening from the train
+            batches when training starts (False: keep the unfitted layer, each patch pixel with
+            both signs).
     """
 
     #: The DataModule may send soft targets (mixup, cutmix) to ``training_step``.
@@ -88,6 +91,7 @@ class VictimClassifier(L.LightningModule):
         nesterov: bool = False,
         label_smoothing: float = 0.0,
         tta_flip: bool = False,
+        fit_whitening: bool = True,
     ):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -121,7 +125,7 @@ class VictimClassifier(L.LightningModule):
     def on_train_start(self) -> None:
         """airbench only: whiten the first layer from the first train batches, unless already done."""
         whitening = getattr(self.model.backbone, "whiten", None)
-        if not isinstance(whitening, PatchWhitening) or bool(whitening.fitted):
+        if not isinstance(whitening, PatchWhitening) or bool(whitening.fitted) or not self.hparams.fit_whitening:
             return
         images, count = [], 0
         with torch.random.fork_rng(devices=[]), torch.no_grad():
