@@ -3,6 +3,8 @@
     python benchmarks/protection_cpu.py                      # everything, 2 processes at once
     python benchmarks/protection_cpu.py --only clean,em-samplewise --seeds 0,1,2 --radii 0
     python benchmarks/protection_cpu.py --table              # print the table of what is done
+    python benchmarks/protection_cpu.py --victim airbench-cpu --only clean,em-samplewise --radii "" \
+        --noise-dir <a cpu-protocol/noise folder> --verdicts   # the fast victim, side by side
 
 Protocol (CPU scale, NOT the papers' protocol; say so wherever a figure is quoted):
 
@@ -18,6 +20,13 @@ Protocol (CPU scale, NOT the papers' protocol; say so wherever a figure is quote
   sample-wise, REM and collapse, seed 0;
 - every victim reports its train accuracy (last epoch, on the augmented data it trained on)
   and its clean test accuracy.
+
+`--victim airbench-cpu` trains the fast victim (`configs/victim/airbench-cpu.yaml`) instead, in
+its own folder benchmarks/out/cpu-protocol-airbench-cpu/ (the ResNet-18 cells stay untouched);
+`--noise-dir DIR` reads the noise files from DIR and never generates one; `--verdicts` prints
+each noise's verdict (protected: clean test accuracy at least 15 points below the same victim's
+on clean data) for the ResNet-18 protocol (`--reference`, default benchmarks/out/cpu-protocol)
+and the chosen victim side by side, with the minutes a screen takes.
 
 Every stage is a subprocess with one torch thread (OMP_NUM_THREADS=1), `--jobs` at once.
 Outputs go to benchmarks/out/cpu-protocol/ (not committed): a stage whose result file exists
@@ -54,6 +63,14 @@ GENERATORS = {name: [str(REPO / "configs" / "generator" / f"{m}.yaml") for m in 
     "collapse-rho2": ["rem", "collapse", "cifar10-npz-cpu/collapse-rho2"]}.items()}
 NEEDS_SCORE = ("collapse", "collapse-rho2")
 AT_DATA = ("clean", "em-samplewise", "rem", "collapse")
+REFERENCE_VICTIM = "resnet18-cpu"
+#: A noise protects if the victim's clean test accuracy is at least this many points below its clean-data one.
+PROTECTED_DROP = 15.0
+
+
+def victim_out(victim: str) -> Path:
+    """Folder of a victim's cells: cpu-protocol/ for the protocol's ResNet-18, cpu-protocol-<victim>/ for another."""
+    return OUT if victim == REFERENCE_VICTIM else OUT.with_name(f"cpu-protocol-{victim}")
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -65,7 +82,7 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def run(name: str, args: list[str], log: Path) -> None:
+def run(name: str, args: list[str], log: Path, root: Path = OUT) -> None:
     """Run ``python benchmarks/protection_cpu.py ARGS`` or ``ue ARGS`` with one thread; raise on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[{time.strftime('%H:%M:%S')}] start {name}", flush=True)
@@ -79,7 +96,7 @@ def run(name: str, args: list[str], log: Path) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] done  {name} in {took:.1f} min (exit {proc.returncode})", flush=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed; see {log}:\n" + log.read_text()[-3000:])
-    with open(OUT / "timings.jsonl", "a") as f:
+    with open(root / "timings.jsonl", "a") as f:
         f.write(json.dumps({"stage": name, "minutes": round(took, 2), "threads": 1}) + "\n")
 
 
@@ -129,25 +146,49 @@ def victim_tag(data: str, radius: float, seed: int, defence: str = "none") -> st
     return f"{data}-rho{radius:g}-seed{seed}" + ("" if defence == "none" else f"-{defence}")
 
 
-def victim_stage(data: str, radius: float, seed: int, defence: str = "none") -> dict:
+def noise_file(name: str, noise_dir: Path | None) -> Path:
+    """A generator's noise file: read from ``noise_dir`` (never generated there), else made by :func:`generator_stage`."""
+    if noise_dir is None:
+        return generator_stage(name)
+    path = noise_dir / f"{name}.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no noise file for {name} (--noise-dir files are read, never generated)")
+    return path
+
+
+def victim_stage(data: str, radius: float, seed: int, defence: str = "none", victim: str = REFERENCE_VICTIM,
+                 noise_dir: Path | None = None) -> dict:
     tag = victim_tag(data, radius, seed, defence)
-    result = OUT / "victim" / tag / "result.json"
+    root = victim_out(victim)
+    result = root / "victim" / tag / "result.json"
     if result.exists():
         return json.loads(result.read_text())
-    noise = None if data == "clean" else str(generator_stage(data))
-    run(f"victim {tag}", [__file__, "--cell", data, str(radius), str(seed), "--defence", defence,
-                          *(["--noise", noise] if noise else [])],
-        OUT / "logs" / f"victim-{tag}.log")
+    noise = None if data == "clean" else str(noise_file(data, noise_dir))
+    run(f"{victim} {tag}", [__file__, "--cell", data, str(radius), str(seed), "--defence", defence,
+                            "--victim", victim, *(["--noise", noise] if noise else [])],
+        root / "logs" / f"victim-{tag}.log", root)
     return json.loads(result.read_text())
 
 
-def victim_cell(data: str, radius: float, seed: int, noise: str | None, defence: str = "none") -> None:
-    """In a subprocess: fit and test one victim through the package's CLI, write its result.json."""
+def fit_and_test(args: list[str]) -> dict:
+    """Fit and test one victim through the package's CLI (``ue fit`` ARGS, then test): accuracies, wall and CPU minutes."""
     from ue_lightning.cli import build_cli
 
+    cli = build_cli(args, run=False)
+    start, cpu = time.time(), time.process_time()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    train_acc = float(cli.trainer.callback_metrics["train/acc"])
+    test_acc = float(cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]["test/acc"])
+    return {"train_acc": train_acc, "test_acc": test_acc, "minutes": round((time.time() - start) / 60, 2),
+            "cpu_minutes": round((time.process_time() - cpu) / 60, 2)}  # the process's CPU time: less load-bound
+
+
+def victim_cell(data: str, radius: float, seed: int, noise: str | None, defence: str = "none",
+                victim: str = REFERENCE_VICTIM) -> None:
+    """In a subprocess: fit and test one victim through the package's CLI, write its result.json."""
     tag = victim_tag(data, radius, seed, defence)
-    folder = OUT / "victim" / tag
-    args = ["--config", "configs/data/cifar10-npz-cpu.yaml", "--config", "configs/victim/resnet18-cpu.yaml", *DATA,
+    folder = victim_out(victim) / "victim" / tag
+    args = ["--config", "configs/data/cifar10-npz-cpu.yaml", "--config", f"configs/victim/{victim}.yaml", *DATA,
             *QUIET, "--seed_everything", str(seed), "--data.eval_batch_size", "500",
             "--trainer.default_root_dir", str(folder), "--trainer.callbacks", "[]",
             "--trainer.enable_checkpointing", "false", "--trainer.check_val_every_n_epoch", "100",
@@ -157,20 +198,13 @@ def victim_cell(data: str, radius: float, seed: int, noise: str | None, defence:
         args += ["--data.perturbation", noise]
     if defence != "none":
         args += ["--data.defence", defence]
-    cli = build_cli(args, run=False)
-    start = time.time()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    train_acc = float(cli.trainer.callback_metrics["train/acc"])
-    test_acc = float(cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]["test/acc"])
     write_json(folder / "result.json", {"data": data, "rho_a": radius, "seed": seed, "defence": defence,
-                                        "train_acc": train_acc,
-                                        "test_acc": test_acc, "minutes": round((time.time() - start) / 60, 2),
-                                        "threads": 1})
+                                        "victim": victim, **fit_and_test(args), "threads": 1})
 
 
 # ---------------------------------------------------------------------------------- the table
-def collect() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((OUT / "victim").glob("*/result.json"))]
+def collect(root: Path = OUT) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((root / "victim").glob("*/result.json"))]
 
 
 def mean_std(values: list[float]) -> str:
@@ -199,6 +233,44 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def standard(results: list[dict], name: str) -> list[float]:
+    """Clean test accuracies of the standard-training, undefended cells of one train data."""
+    return [r["test_acc"] for r in results if r["data"] == name and r["rho_a"] == 0 and r.get("defence", "none") == "none"]
+
+
+def verdict(results: list[dict], name: str) -> tuple[str, bool | None]:
+    """Mean test accuracy (%) with its verdict against the same victim's clean cells, and the verdict."""
+    accs, clean = standard(results, name), standard(results, "clean")
+    if not accs:
+        return "- | -", None
+    if name == "clean" or not clean:
+        return f"{mean_std(accs)} | {'(clean data)' if name == 'clean' else 'no clean cell'}", None
+    drop = 100 * (statistics.mean(clean) - statistics.mean(accs))
+    protected = drop >= PROTECTED_DROP
+    return f"{mean_std(accs)} | {'**protected**' if protected else 'not protected'} ({drop:.1f} below clean)", protected
+
+
+def verdicts(reference: list[dict], results: list[dict], victim: str) -> str:
+    """The reference (ResNet-18) protocol's verdict on every train data next to ``victim``'s, and their minutes."""
+    lines = [f"| train data | {REFERENCE_VICTIM}: test % | verdict | {victim}: test % | verdict | same verdict |",
+             "|---|---|---|---|---|---|"]
+    names = ["clean", *GENERATORS]
+    names += sorted({r["data"] for r in reference + results} - set(names))
+    for name in names:
+        (ref_text, ref), (text, mine) = verdict(reference, name), verdict(results, name)
+        if ref_text == text == "- | -":
+            continue
+        same = "-" if ref is None or mine is None else ("yes" if ref == mine else "**no**")
+        lines.append(f"| {name} | {ref_text} | {text} | {same} |")
+    minutes = [[r["minutes"] for r in rows if r["rho_a"] == 0 and r.get("defence", "none") == "none"]
+               for rows in (reference, results)]
+    if all(minutes):
+        ref_min, min_ = (statistics.mean(m) for m in minutes)
+        lines.append(f"| minutes a screen (fit + test, mean of {len(minutes[0])} and {len(minutes[1])} cells) | "
+                     f"{ref_min:.2f} | | {min_:.2f} | | {ref_min / min_:.1f}x faster |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=2)
@@ -208,15 +280,23 @@ def main() -> None:
     p.add_argument("--defences", default="", help="extra standard-training cells DATA:DEFENCE,... with "
                    "data.defence (e.g. em-samplewise:jpeg10,clean:jpeg10), each with the --seeds")
     p.add_argument("--table", action="store_true", help="only print the table of the finished victims")
+    p.add_argument("--victim", default=REFERENCE_VICTIM, help="victim config of configs/victim/ (airbench-cpu: the "
+                   "fast victim, its cells in benchmarks/out/cpu-protocol-airbench-cpu/)")
+    p.add_argument("--noise-dir", type=Path, help="read the noise files <name>.safetensors from this folder, "
+                   "never generate them (default: benchmarks/out/cpu-protocol/noise, generated if missing)")
+    p.add_argument("--verdicts", action="store_true", help="also print each noise's verdict for the ResNet-18 "
+                   "protocol and --victim side by side (protected: test accuracy >= 15 points below clean)")
+    p.add_argument("--reference", type=Path, default=OUT, help="the ResNet-18 protocol's folder for --verdicts")
     p.add_argument("--cell", nargs=3, metavar=("DATA", "RADIUS", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--noise", help=argparse.SUPPRESS)
     p.add_argument("--defence", default="none", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.cell:
-        victim_cell(a.cell[0], float(a.cell[1]), int(a.cell[2]), a.noise, a.defence)
+        victim_cell(a.cell[0], float(a.cell[1]), int(a.cell[2]), a.noise, a.defence, a.victim)
         return
+    root = victim_out(a.victim)
     if not a.table:
-        OUT.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
         names = [n for n in a.only.split(",") if n]
         seeds = [int(s) for s in a.seeds.split(",") if s]
         radii = [float(r) for r in a.radii.split(",") if r]
@@ -227,15 +307,17 @@ def main() -> None:
         names += [n for n, _ in defended if n not in names]
         with ThreadPoolExecutor(a.jobs) as pool:
             # generators first (two at once), then the victims in order: seed 0 of every noise first
-            for future in [pool.submit(generator_stage, n) for n in names if n != "clean"]:
+            for future in [pool.submit(noise_file, n, a.noise_dir) for n in names if n != "clean"]:
                 future.result()
-            for future in [pool.submit(victim_stage, *cell) for cell in cells]:
+            for future in [pool.submit(victim_stage, *cell, victim=a.victim, noise_dir=a.noise_dir) for cell in cells]:
                 future.result()
-    text = ("CPU protocol (5000 CIFAR-10 JPEG images, ResNet-18 width 16, 15 epochs; one thread a process): "
-            "victims' train accuracy (last epoch) / clean test accuracy, %\n" + table(collect()))
+    text = (f"CPU protocol (5000 CIFAR-10 JPEG images, victim configs/victim/{a.victim}.yaml; one thread a process): "
+            "victims' train accuracy (last epoch) / clean test accuracy, %\n" + table(collect(root)))
+    if a.verdicts:
+        text += "\n\nVerdicts, standard training:\n" + verdicts(collect(a.reference), collect(root), a.victim)
     print(text)
-    write_json(OUT / "results.json", {"victims": collect()})
-    (OUT / "results.md").write_text(text + "\n")
+    write_json(root / "results.json", {"victims": collect(root)})
+    (root / "results.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

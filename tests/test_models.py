@@ -121,3 +121,55 @@ def test_score_net_soft_labels_match_hard() -> None:
     y = torch.tensor([1, 3])
     soft = torch.nn.functional.one_hot(y, 4).float()
     torch.testing.assert_close(net(x, y), net(x, soft))
+
+
+@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_airbench_logits_shape(size: int, channels: int) -> None:
+    model = build_classifier("airbench", num_classes=10, in_channels=channels, image_size=size, width=8)
+    logits = model(torch.rand(4, channels, size, size))
+    assert logits.shape == (4, 10) and torch.isfinite(logits).all()
+    assert model.feature_dim == 32  # 4 x width
+    logits.sum().backward()
+    whiten = model.backbone.whiten.conv
+    assert whiten.weight.shape == (8 * channels, channels, 2, 2) and whiten.weight.grad is None
+    assert whiten.bias.grad is not None
+
+
+def test_airbench_default_width_and_frozen_parameters() -> None:
+    model = build_classifier("airbench", 10)
+    assert model.feature_dim == 256  # airbench's 64, 256, 256
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert "backbone.whiten.conv.weight" in frozen and "backbone.whiten.conv.bias" not in frozen
+    assert all(name.endswith(".weight") for name in frozen)  # whitening filters and BatchNorm scales only
+    assert model.head.bias is None
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_patch_whitening_decorrelates_patches(channels: int) -> None:
+    from ue_lightning.models import PatchWhitening
+
+    mix = torch.randn(4 * channels, 4 * channels)
+    # correlated patches: smooth images (a blurred field times a random channel mix)
+    x = torch.nn.functional.avg_pool2d(torch.randn(64, channels, 33, 33), 2, stride=1)
+    x = torch.einsum("dc,bchw->bdhw", mix[:channels, :channels], x)
+    layer = PatchWhitening(channels)
+    assert not layer.fitted
+    layer.fit(PatchWhitening.patch_covariance(x))
+    assert layer.fitted
+    with torch.no_grad():
+        out = layer(x) - layer.conv.bias.view(1, -1, 1, 1)
+    half = out[:, : 4 * channels].permute(0, 2, 3, 1).reshape(-1, 4 * channels)
+    cov = torch.cov(half.T)
+    variances = torch.linalg.eigvalsh(PatchWhitening.patch_covariance(x))
+    expected = variances / (variances + layer.eps)  # unit variance, shrunk where the variance is tiny
+    torch.testing.assert_close(cov.diag().sort().values, expected.sort().values, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(cov - torch.diag(cov.diag()), torch.zeros_like(cov), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out[:, 4 * channels:], -out[:, : 4 * channels])  # both signs
+
+
+def test_patch_whitening_refuses_a_wrong_covariance() -> None:
+    from ue_lightning.models import PatchWhitening
+
+    with pytest.raises(ValueError, match="12x12"):
+        PatchWhitening(3).fit(torch.eye(4))

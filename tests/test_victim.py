@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -147,3 +148,94 @@ def test_settings_the_checkpoint_overrides_are_named_with_both_values(monkeypatc
         cli = _parse_only(monkeypatch, "test", *TINY, "--model.init_args.adv_radius", "4",
                           "--ckpt_path", str(victim_checkpoint))
     assert cli.model.hparams.adv_radius == 0.0  # what the checkpoint holds, as the warning says
+
+
+# ------------------------------------------------------------------ the fast victim's pieces
+
+
+def test_label_smoothing_mixes_the_uniform_distribution_into_the_targets():
+    logits, y = torch.randn(5, 10), torch.tensor([0, 3, 9, 1, 1])
+    plain = VictimClassifier(arch="airbench", width=4, image_size=16)
+    smooth = VictimClassifier(arch="airbench", width=4, image_size=16, label_smoothing=0.2)
+    log_p = logits.log_softmax(1)
+    nll = -log_p.gather(1, y[:, None]).mean()
+    torch.testing.assert_close(plain.loss(logits, y), nll)
+    torch.testing.assert_close(smooth.loss(logits, y), 0.8 * nll + 0.2 * -log_p.mean())
+    soft = torch.nn.functional.one_hot(y, 10).float()  # mixup's soft targets get the same smoothing
+    torch.testing.assert_close(smooth.loss(logits, soft), smooth.loss(logits, y))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        VictimClassifier(label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(tta, monkeypatch):
+    torch.manual_seed(0)
+    model = VictimClassifier(arch="airbench", width=4, image_size=16, tta_flip=tta).eval()
+    monkeypatch.setattr(model, "log", lambda *args, **kwargs: None)  # no trainer here
+    x = torch.rand(6, 3, 16, 16)
+    with torch.no_grad():
+        plain, mirrored = model(x), model(x.flip(-1))
+        expected = (plain + mirrored) / 2 if tta else plain
+        torch.testing.assert_close(model.eval_logits(x), expected)
+        assert not torch.allclose(plain, mirrored)  # the mirror does change the logits
+        model.test_step((x, expected.argmax(1), torch.arange(6)), 0)
+    assert model.test_acc.compute() == 1.0  # test_step scores the averaged logits
+
+
+def test_triangular_schedule_and_nesterov():
+    from ue_lightning.modules.optim import sgd_with_schedule
+
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    conf = sgd_with_schedule(params, 10, lr=1.0, schedule="triangular", warmup=0.2, nesterov=True)
+    optimizer, scheduler = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert optimizer.defaults["nesterov"]
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([1 / 3, 2 / 3, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
+    with pytest.raises(ValueError, match="warmup"):
+        sgd_with_schedule(params, 10, lr=1.0, schedule="triangular", warmup=1.5)
+
+
+class _WhiteningAtFirstStep(L.Callback):
+    """Records the whitening filters the first optimiser step sees, and the last one."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        weight = pl_module.model.backbone.whiten.conv.weight.detach().clone()
+        self.first = getattr(self, "first", weight)
+        self.last = weight
+
+
+def _tiny_trainer(tmp_path: Path, callback: L.Callback, **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     default_root_dir=tmp_path, callbacks=[callback], **kwargs)
+
+
+def test_airbench_victim_fits_whitened_from_its_train_batches(fake_npz, tmp_path):
+    from ue_lightning.data import UEDataModule
+
+    torch.manual_seed(0)
+    data = UEDataModule(dataset="npz", root=str(fake_npz), batch_size=16)
+    model = VictimClassifier(arch="airbench", width=4, in_channels=3, image_size=16, lr=0.2, nesterov=True,
+                             schedule="triangular", label_smoothing=0.2, tta_flip=True)
+    whiten = model.model.backbone.whiten
+    untouched = whiten.conv.weight.detach().clone()
+    seen = _WhiteningAtFirstStep()
+    trainer = _tiny_trainer(tmp_path, seen, max_epochs=2)
+    trainer.fit(model, datamodule=data)
+    assert whiten.fitted and not torch.allclose(seen.first, untouched)  # set from data before the first step
+    torch.testing.assert_close(whiten.conv.weight, seen.first)  # and frozen from then on
+    torch.testing.assert_close(seen.last, seen.first)
+    assert 0.0 <= trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"] <= 1.0
+
+    fitted = whiten.conv.weight.detach().clone()  # a second fit (a resumed one) keeps the fitted layer
+    _tiny_trainer(tmp_path, _WhiteningAtFirstStep(), max_steps=1).fit(model, datamodule=data)
+    torch.testing.assert_close(whiten.conv.weight, fitted)
+
+    unfitted = VictimClassifier(arch="airbench", width=4, in_channels=3, image_size=16, fit_whitening=False)
+    _tiny_trainer(tmp_path, _WhiteningAtFirstStep(), max_steps=1).fit(unfitted, datamodule=data)
+    torch.testing.assert_close(unfitted.model.backbone.whiten.conv.weight, untouched)
+    assert not unfitted.model.backbone.whiten.fitted

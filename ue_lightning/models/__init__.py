@@ -4,6 +4,7 @@ All classifiers take pixels in ``[0, 1]`` and normalise internally; see
 :func:`build_classifier`.
 """
 
+from .airbench import PatchWhitening, airbench_classifier
 from .batchnorm import batchnorm_statistics_frozen
 from .cifar import cifar_densenet121, cifar_resnet18, cifar_resnet50, cifar_vgg16, cifar_wrn34_10
 from .imagenet import imagenet_classifier
@@ -28,7 +29,9 @@ __all__ = [
     "IMAGENET_STD",
     "ImageClassifier",
     "Normalize",
+    "PatchWhitening",
     "ScoreNet",
+    "airbench_classifier",
     "batchnorm_statistics_frozen",
     "build_classifier",
     "cifar_densenet121",

@@ -1,14 +1,15 @@
-"""Name -> classifier factory (CIFAR form below 128 px, torchvision form at/above)."""
+"""Name -> classifier factory (CIFAR form below 128 px, torchvision form at/above; airbench: one form)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from .airbench import airbench_classifier
 from .cifar import cifar_densenet121, cifar_resnet18, cifar_resnet50, cifar_vgg16, cifar_wrn34_10
 from .imagenet import imagenet_classifier
 from .normalize import ImageClassifier
 
-ARCHITECTURES: tuple[str, ...] = ("vgg16", "resnet18", "resnet50", "densenet121", "wrn34_10")
+ARCHITECTURES: tuple[str, ...] = ("vgg16", "resnet18", "resnet50", "densenet121", "wrn34_10", "airbench")
 
 #: Smallest ``image_size`` for which the ImageNet (torchvision) form is used.
 IMAGENET_MIN_SIZE = 128
@@ -34,14 +35,16 @@ def build_classifier(
     """Build a randomly initialised classifier taking pixels in ``[0, 1]``.
 
     Args:
-        arch: one of :data:`ARCHITECTURES` (case-insensitive).
+        arch: one of :data:`ARCHITECTURES` (case-insensitive). ``airbench`` (the fast victim,
+            :mod:`ue_lightning.models.airbench`) has one form at every ``image_size``.
         num_classes: number of output logits.
         in_channels: image channels C (1 for greyscale).
         image_size: side length in pixels; ``>= 128`` selects the torchvision
             (ImageNet, 7x7-stem) form, otherwise the CIFAR (3x3-stem) form.
         width: channels of the first stage of the CIFAR form (see
             :mod:`ue_lightning.models.cifar`; ``None`` = the standard width:
-            64, or 160 for ``wrn34_10``). Not supported by the ImageNet form.
+            64, or 160 for ``wrn34_10``) or of airbench's first group (64).
+            Not supported by the ImageNet form.
         mean, std: per-channel normalisation in pixel units; ``None`` gives
             CIFAR-10 statistics for 3 channels, 0.5/0.5 otherwise.
 
@@ -55,6 +58,11 @@ def build_classifier(
         raise ValueError(f"unknown arch {arch!r}; valid choices: {', '.join(ARCHITECTURES)}")
     if num_classes < 1 or in_channels < 1:
         raise ValueError(f"num_classes and in_channels must be positive, got {num_classes}, {in_channels}")
+    if width is not None and width < 1:
+        raise ValueError(f"width must be positive, got {width}")
+    kwargs = {} if width is None else {"width": width}
+    if name == "airbench":
+        return airbench_classifier(num_classes, in_channels, mean=mean, std=std, **kwargs)
     if image_size >= IMAGENET_MIN_SIZE:
         if width is not None:
             raise ValueError(
@@ -62,7 +70,4 @@ def build_classifier(
                 f"got width={width} with image_size={image_size}"
             )
         return imagenet_classifier(name, num_classes, in_channels, mean, std)
-    if width is not None and width < 1:
-        raise ValueError(f"width must be positive, got {width}")
-    kwargs = {} if width is None else {"width": width}
     return _CIFAR[name](num_classes, in_channels, mean=mean, std=std, **kwargs)

@@ -5,13 +5,17 @@ from __future__ import annotations
 from typing import Literal
 
 import lightning as L
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, pgd_maximize
-from ue_lightning.models import build_classifier
+from ue_lightning.models import PatchWhitening, build_classifier
 from ue_lightning.modules.optim import sgd_with_schedule
+
+#: Train images (per process) whose 2x2 patches set the airbench whitening layer.
+WHITENING_IMAGES = 5000
 
 
 class VictimClassifier(L.LightningModule):
@@ -25,8 +29,15 @@ class VictimClassifier(L.LightningModule):
     ``mixup`` and ``cutmix`` defences make them: the loss is then the soft-target cross-entropy
     and ``train/acc`` counts a prediction right when it is the class with the largest weight.
 
+    The fast victim (``arch: airbench``, ``configs/victim/airbench-cpu.yaml``): when training
+    starts, its frozen first layer is set to whiten the 2x2 patches of the first
+    ``WHITENING_IMAGES`` (5000) train images the train loader serves (augmented, protected if
+    the data is; averaged over processes under DDP), once: a resumed fit keeps the layer it
+    saved. The loader's random state is restored afterwards.
+
     Args:
-        arch: ``vgg16``, ``resnet18``, ``resnet50``, ``densenet121`` or ``wrn34_10``.
+        arch: ``vgg16``, ``resnet18``, ``resnet50``, ``densenet121``, ``wrn34_10`` or ``airbench``
+            (the fast victim, whitened from the train data when fitting starts).
         num_classes: number of classes (linked from the DataModule by the CLI).
         in_channels: image channels (linked from the DataModule by the CLI).
         image_size: side of the model's input in pixels (linked from the DataModule by the CLI).
@@ -39,9 +50,20 @@ class VictimClassifier(L.LightningModule):
         lr: SGD learning rate.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
-        schedule: ``cosine`` over all steps, ``step`` (x ``gamma`` at ``milestones``) or ``constant``.
+        schedule: ``cosine`` over all steps, ``step`` (x ``gamma`` at ``milestones``), ``constant``
+            or ``triangular`` (linear rise over ``warmup``, then linear fall: the fast victim's).
         milestones: fractions of training at which ``step`` multiplies the rate by ``gamma``.
         gamma: the factor of each ``step`` decay.
+        warmup: fraction of the steps over which ``triangular`` rises linearly to ``lr`` before
+            it falls linearly to nearly 0 at the end (0: a plain linear decay).
+        nesterov: Nesterov momentum in SGD.
+        label_smoothing: weight of the uniform distribution mixed into the train targets
+            (0: none; airbench uses 0.2). Test and validation accuracy are unaffected.
+        tta_flip: at validation and test, average the logits of each image and its horizontal
+            mirror (not applied to ``test/robust_acc``'s attack or scoring).
+        fit_whitening: ``airbench`` only: fit its first layer's patch whitening from the train
+            batches when training starts (False: keep the unfitted layer, each patch pixel with
+            both signs).
     """
 
     #: The DataModule may send soft targets (mixup, cutmix) to ``training_step``.
@@ -62,11 +84,18 @@ class VictimClassifier(L.LightningModule):
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
-        schedule: Literal["cosine", "step", "constant"] = "cosine",
+        schedule: Literal["cosine", "step", "constant", "triangular"] = "cosine",
         milestones: tuple[float, ...] = (0.4, 0.8),
         gamma: float = 0.1,
+        warmup: float = 0.2,
+        nesterov: bool = False,
+        label_smoothing: float = 0.0,
+        tta_flip: bool = False,
+        fit_whitening: bool = True,
     ):
         super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
         self.save_hyperparameters()
         self.adv_radius_px = budget_to_pixels(adv_radius, "adv_radius")
         step = adv_radius / 4 if adv_step_size is None else adv_step_size
@@ -80,6 +109,35 @@ class VictimClassifier(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         """Logits (B, num_classes) of images (B, C, H, W) with pixels in [0, 1]."""
         return self.model(x)
+
+    def eval_logits(self, x: Tensor) -> Tensor:
+        """Validation/test logits (B, num_classes): with ``tta_flip``, the mean over x and x mirrored."""
+        logits = self.model(x)
+        if self.hparams.tta_flip:
+            logits = (logits + self.model(x.flip(-1))) / 2
+        return logits
+
+    def loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Mean cross-entropy of logits (B, K) against class indices (B,) or soft targets (B, K),
+        with ``label_smoothing``."""
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+
+    def on_train_start(self) -> None:
+        """airbench only: whiten the first layer from the first train batches, unless already done."""
+        whitening = getattr(self.model.backbone, "whiten", None)
+        if not isinstance(whitening, PatchWhitening) or bool(whitening.fitted) or not self.hparams.fit_whitening:
+            return
+        images, count = [], 0
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for x, *_ in self.trainer.train_dataloader:
+                images.append(x.to(self.device))
+                count += len(x)
+                if count >= WHITENING_IMAGES:
+                    break
+            covariance = whitening.patch_covariance(self.model.normalize(torch.cat(images)[:WHITENING_IMAGES]))
+        if self.trainer.world_size > 1:
+            covariance = self.all_gather(covariance).mean(0)
+        whitening.fit(covariance)
 
     def adversarial(self, x: Tensor, y: Tensor) -> Tensor:
         """PGD examples at ``adv_radius`` (random start), BatchNorm in ``attack_mode``."""
@@ -95,7 +153,7 @@ class VictimClassifier(L.LightningModule):
         if self.adv_radius_px > 0:
             x = self.adversarial(x, y)
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y)  # y: class indices (B,) or soft targets (B, K)
+        loss = self.loss(logits, y)  # y: class indices (B,) or soft targets (B, K)
         self.train_acc(logits.detach(), y.argmax(1) if y.ndim == 2 else y)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
@@ -103,12 +161,12 @@ class VictimClassifier(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         x, y, _ = batch
-        self.val_acc(self.model(x), y)
+        self.val_acc(self.eval_logits(x), y)
         self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         x, y, _ = batch
-        self.test_acc(self.model(x), y)
+        self.test_acc(self.eval_logits(x), y)
         self.log("test/acc", self.test_acc, on_epoch=True)
         if self.hparams.robust_eval and self.adv_radius_px > 0:
             self.test_robust_acc(self.model(self.adversarial(x, y)), y)
@@ -118,4 +176,4 @@ class VictimClassifier(L.LightningModule):
         h = self.hparams
         return sgd_with_schedule(self.parameters(), self.trainer.estimated_stepping_batches, lr=h.lr,
                                  momentum=h.momentum, weight_decay=h.weight_decay, schedule=h.schedule,
-                                 milestones=h.milestones, gamma=h.gamma)
+                                 milestones=h.milestones, gamma=h.gamma, nesterov=h.nesterov, warmup=h.warmup)
