@@ -262,12 +262,13 @@ def verdicts(reference: list[dict], results: list[dict], victim: str) -> str:
             continue
         same = "-" if ref is None or mine is None else ("yes" if ref == mine else "**no**")
         lines.append(f"| {name} | {ref_text} | {text} | {same} |")
-    minutes = [[r["minutes"] for r in rows if r["rho_a"] == 0 and r.get("defence", "none") == "none"]
-               for rows in (reference, results)]
-    if all(minutes):
-        ref_min, min_ = (statistics.mean(m) for m in minutes)
-        lines.append(f"| minutes a screen (fit + test, mean of {len(minutes[0])} and {len(minutes[1])} cells) | "
-                     f"{ref_min:.2f} | | {min_:.2f} | | {ref_min / min_:.1f}x faster |")
+    for key, what in (("minutes", "wall"), ("cpu_minutes", "CPU")):
+        minutes = [[r[key] for r in rows if r["rho_a"] == 0 and r.get("defence", "none") == "none" and key in r]
+                   for rows in (reference, results)]
+        if all(minutes):
+            ref_min, min_ = (statistics.mean(m) for m in minutes)
+            lines.append(f"| {what} minutes a screen (fit + test, mean of {len(minutes[0])} and {len(minutes[1])} "
+                         f"cells) | {ref_min:.2f} | | {min_:.2f} | | {ref_min / min_:.1f}x less |")
     return "\n".join(lines)
 
 
@@ -286,7 +287,8 @@ def main() -> None:
                    "never generate them (default: benchmarks/out/cpu-protocol/noise, generated if missing)")
     p.add_argument("--verdicts", action="store_true", help="also print each noise's verdict for the ResNet-18 "
                    "protocol and --victim side by side (protected: test accuracy >= 15 points below clean)")
-    p.add_argument("--reference", type=Path, default=OUT, help="the ResNet-18 protocol's folder for --verdicts")
+    p.add_argument("--reference", type=Path, action="append", help="the ResNet-18 protocol's folder for --verdicts "
+                   "(default benchmarks/out/cpu-protocol; repeat to pool the cells of several)")
     p.add_argument("--cell", nargs=3, metavar=("DATA", "RADIUS", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--noise", help=argparse.SUPPRESS)
     p.add_argument("--defence", default="none", help=argparse.SUPPRESS)
@@ -314,7 +316,8 @@ def main() -> None:
     text = (f"CPU protocol (5000 CIFAR-10 JPEG images, victim configs/victim/{a.victim}.yaml; one thread a process): "
             "victims' train accuracy (last epoch) / clean test accuracy, %\n" + table(collect(root)))
     if a.verdicts:
-        text += "\n\nVerdicts, standard training:\n" + verdicts(collect(a.reference), collect(root), a.victim)
+        reference = [r for folder in a.reference or [OUT] for r in collect(folder)]
+        text += "\n\nVerdicts, standard training:\n" + verdicts(reference, collect(root), a.victim)
     print(text)
     write_json(root / "results.json", {"victims": collect(root)})
     (root / "results.md").write_text(text + "\n")
