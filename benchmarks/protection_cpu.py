@@ -61,7 +61,8 @@ GENERATORS = {name: [str(REPO / "configs" / "generator" / f"{m}.yaml") for m in 
     "em-samplewise": ["em-samplewise"], "em-classwise": ["em-classwise"], "rem": ["rem"],
     "collapse": ["rem", "collapse"], "tue": ["tue"], "rem-rho2": ["rem", "cifar10-npz-cpu/rem-rho2"],
     "collapse-rho2": ["rem", "collapse", "cifar10-npz-cpu/collapse-rho2"]}.items()}
-NEEDS_SCORE = ("collapse", "collapse-rho2")
+#: Generators whose configs include the score step (collapse), so a score estimator is fitted first.
+NEEDS_SCORE = tuple(name for name, paths in GENERATORS.items() if any(p.endswith("/collapse.yaml") for p in paths))
 AT_DATA = ("clean", "em-samplewise", "rem", "collapse")
 REFERENCE_VICTIM = "resnet18-cpu"
 #: A noise protects if the victim's clean test accuracy is at least this many points below its clean-data one.
