@@ -40,7 +40,9 @@ def batch_of(data: str, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     if data == "npz" and SHARED_NPZ.is_file():
         with np.load(SHARED_NPZ) as f:
             pick = np.random.default_rng(0).permutation(len(f["y_train"]))[:n]
-            x = torch.from_numpy(f["x_train"][pick]).permute(0, 3, 1, 2).float() / 255
+            # contiguous (B, C, H, W), as the DataLoader's collate gives the training step: the permuted
+            # NHWC array would be channels-last, a faster layout on CPU, and make the floor too low
+            x = torch.from_numpy(f["x_train"][pick]).permute(0, 3, 1, 2).contiguous().float() / 255
             y = torch.from_numpy(f["y_train"][pick]).long()
     else:
         g = torch.Generator().manual_seed(0)
