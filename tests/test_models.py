@@ -75,18 +75,24 @@ def test_normalisation_is_first_layer(channels: int) -> None:
 
 
 
-def test_cpu_batches_run_channels_last_with_the_same_input_gradient() -> None:
-    """On CPU the backbone sees a channels-last batch (oneDNN's faster layout), and an attack's input gradient
-    equals the one through the caller's NCHW layout up to float rounding."""
+def test_classifiers_run_channels_last_with_the_same_input_gradient() -> None:
+    """Weights and the batch the backbone sees are channels-last (oneDNN's faster layout; weight gradients keep
+    the weights' strides, as DDP's buckets expect), and an attack's input gradient equals the one through
+    the NCHW layout up to float rounding."""
     model = build_classifier("resnet18", 10, in_channels=3, width=8).eval()
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     seen = []
     model.backbone.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
     x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
     delta = torch.zeros_like(x).requires_grad_(True)
     (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x + delta), y), delta)
     assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    nchw = build_classifier("resnet18", 10, in_channels=3, width=8).eval()
+    nchw.load_state_dict(model.state_dict())
+    nchw.to(memory_format=torch.contiguous_format)
     delta_nchw = torch.zeros_like(x).requires_grad_(True)
-    logits = model.head(model.backbone.forward(model.normalize(x + delta_nchw)))
+    logits = nchw.head(nchw.backbone(nchw.normalize(x + delta_nchw)))
     (grad_nchw,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), delta_nchw)
     torch.testing.assert_close(grad, grad_nchw, rtol=1e-4, atol=1e-6)
 

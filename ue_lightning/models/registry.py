@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
+
 from .airbench import airbench_classifier
 from .cifar import cifar_densenet121, cifar_resnet18, cifar_resnet50, cifar_vgg16, cifar_wrn34_10
 from .imagenet import imagenet_classifier
@@ -48,7 +50,8 @@ def build_classifier(
         mean, std: per-channel normalisation in pixel units; ``None`` gives
             CIFAR-10 statistics for 3 channels, 0.5/0.5 otherwise.
 
-    Returns: :class:`ImageClassifier`, ``(B, C, H, W)`` in [0, 1] -> logits ``(B, num_classes)``.
+    Returns: :class:`ImageClassifier`, ``(B, C, H, W)`` in [0, 1] -> logits ``(B, num_classes)``; its
+        convolution weights are channels-last (so is the batch inside ``forward``).
 
     Raises: ValueError for an unknown ``arch`` (message lists the valid names)
     or a ``width`` given with the ImageNet form.
@@ -62,12 +65,16 @@ def build_classifier(
         raise ValueError(f"width must be positive, got {width}")
     kwargs = {} if width is None else {"width": width}
     if name == "airbench":
-        return airbench_classifier(num_classes, in_channels, mean=mean, std=std, **kwargs)
-    if image_size >= IMAGENET_MIN_SIZE:
+        model = airbench_classifier(num_classes, in_channels, mean=mean, std=std, **kwargs)
+    elif image_size >= IMAGENET_MIN_SIZE:
         if width is not None:
             raise ValueError(
                 f"width is only supported by the CIFAR forms (image_size < {IMAGENET_MIN_SIZE}); "
                 f"got width={width} with image_size={image_size}"
             )
-        return imagenet_classifier(name, num_classes, in_channels, mean, std)
-    return _CIFAR[name](num_classes, in_channels, mean=mean, std=std, **kwargs)
+        model = imagenet_classifier(name, num_classes, in_channels, mean, std)
+    else:
+        model = _CIFAR[name](num_classes, in_channels, mean=mean, std=std, **kwargs)
+    # Weights channels-last, as ImageClassifier makes its input: weight gradients then have the weights'
+    # strides (DDP's gradient buckets expect them), and convolutions run in the faster layout.
+    return model.to(memory_format=torch.channels_last)
