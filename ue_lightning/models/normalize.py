@@ -105,8 +105,9 @@ class ImageClassifier(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 4:
-            # Channels-last, as the weights (build_classifier): 1.3-1.5x faster training on CPU with oneDNN
+            # Channels-last, as the weights (build_classifier): 1.3-1.5x faster RGB training on CPU with oneDNN
             # (benchmarks/RESULTS.md), the layout tensor cores want on GPUs. Every later layer keeps it.
+            # (A one-channel batch already is channels-last: no copy, and its NCHW weights decide the layout.)
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(self.normalize(x))
 

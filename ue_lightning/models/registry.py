@@ -50,8 +50,8 @@ def build_classifier(
         mean, std: per-channel normalisation in pixel units; ``None`` gives
             CIFAR-10 statistics for 3 channels, 0.5/0.5 otherwise.
 
-    Returns: :class:`ImageClassifier`, ``(B, C, H, W)`` in [0, 1] -> logits ``(B, num_classes)``; its
-        convolution weights are channels-last (so is the batch inside ``forward``).
+    Returns: :class:`ImageClassifier`, ``(B, C, H, W)`` in [0, 1] -> logits ``(B, num_classes)``; for
+        ``in_channels > 1`` its convolution weights are channels-last (so is the batch inside ``forward``).
 
     Raises: ValueError for an unknown ``arch`` (message lists the valid names)
     or a ``width`` given with the ImageNet form.
@@ -76,5 +76,8 @@ def build_classifier(
     else:
         model = _CIFAR[name](num_classes, in_channels, mean=mean, std=std, **kwargs)
     # Weights channels-last, as ImageClassifier makes its input: weight gradients then have the weights'
-    # strides (DDP's gradient buckets expect them), and convolutions run in the faster layout.
-    return model.to(memory_format=torch.channels_last)
+    # strides (DDP's gradient buckets expect them), and convolutions run in the faster layout. Not for
+    # one-channel images: with a (w, 1, k, k) first-layer weight in that layout, oneDNN's weight gradient
+    # corrupted the heap at 2 threads (torch 2.14.1, EM class-wise on the digits); such a batch is
+    # channels-last already, so these models keep the NCHW layout they always had.
+    return model.to(memory_format=torch.channels_last) if in_channels > 1 else model
