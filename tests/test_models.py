@@ -195,3 +195,12 @@ def test_patch_whitening_refuses_a_wrong_covariance() -> None:
 
     with pytest.raises(ValueError, match="12x12"):
         PatchWhitening(3).fit(torch.eye(4))
+
+
+def test_one_channel_classifiers_keep_nchw_weights() -> None:
+    """oneDNN's weight gradient of a channels-last (w, 1, k, k) weight corrupted the heap at 2 threads: the
+    one-channel models (the digits) keep NCHW weights."""
+    model = build_classifier("resnet18", 10, in_channels=1, image_size=16, width=4)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].in_channels == 1
+    assert all(conv.weight.is_contiguous() for conv in convs)
