@@ -63,7 +63,7 @@ GENERATORS = {name: [str(REPO / "configs" / "generator" / f"{m}.yaml") for m in 
     "collapse-rho2": ["rem", "collapse", "cifar10-npz-cpu/collapse-rho2"]}.items()}
 #: Generators whose configs include the score step (collapse), so a score estimator is fitted first.
 NEEDS_SCORE = tuple(name for name, paths in GENERATORS.items() if any(p.endswith("/collapse.yaml") for p in paths))
-AT_DATA = ("clean", "em-samplewise", "rem", "collapse")
+AT_DATA = ("clean", "em-samplewise", "rem", "collapse", "rem-rho2", "collapse-rho2")
 REFERENCE_VICTIM = "resnet18-cpu"
 #: A noise protects if the victim's clean test accuracy is at least this many points below its clean-data one.
 PROTECTED_DROP = 15.0
