@@ -74,7 +74,6 @@ def test_normalisation_is_first_layer(channels: int) -> None:
         torch.testing.assert_close(model(x), expected)
 
 
-
 def test_classifiers_run_channels_last_with_the_same_input_gradient() -> None:
     """Weights and the batch the backbone sees are channels-last (oneDNN's faster layout; weight gradients keep
     the weights' strides, as DDP's buckets expect), and an attack's input gradient equals the one through
@@ -95,6 +94,7 @@ def test_classifiers_run_channels_last_with_the_same_input_gradient() -> None:
     logits = nchw.head(nchw.backbone(nchw.normalize(x + delta_nchw)))
     (grad_nchw,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), delta_nchw)
     torch.testing.assert_close(grad, grad_nchw, rtol=1e-4, atol=1e-6)
+
 
 def test_custom_mean_std_and_buffers() -> None:
     model = build_classifier("vgg16", 10, width=8, mean=(0.1, 0.2, 0.3), std=0.5)

@@ -15,9 +15,10 @@ Written for this package from the ideas airbench describes, not from its code:
   BatchNorm with a frozen unit scale (only the shift trains) and momentum 0.4;
 * a global max-pool, features scaled by 1/9, and a linear head without bias.
 
-Like every classifier of the package it runs in channels-last memory layout (PyTorch's CPU
-max-pool is about 3x faster in it; ``ImageClassifier`` converts the batch). Max-pools use ``ceil_mode``, so any input of at least 2x2 pixels works (8, 16, 32 px and
-more; the network has one form at every size). Output of the backbone: ``(B, 4 * width)``.
+Like every RGB classifier of the package it runs in channels-last memory layout (PyTorch's
+CPU max-pool is about 3x faster in it; ``ImageClassifier`` converts the batch). Max-pools use
+``ceil_mode``, so any input of at least 2x2 pixels works (8, 16, 32 px and more; the network
+has one form at every size). Output of the backbone: ``(B, 4 * width)``.
 """
 
 from __future__ import annotations
