@@ -1,13 +1,14 @@
 """Choose the fast victim's settings on clean data, never looking at the test set.
 
     python benchmarks/fast_victim_holdout.py --victim airbench-cpu --seed 0 [-- extra ue fit options]
+    python benchmarks/fast_victim_holdout.py --victim resnet18-cpu --seed 0 -- --data.perturbation NOISE_FILE
 
 Trains the victim config on the CPU protocol's 5000-image subset of
 ../shared/data/cifar10-jpeg75-subset.npz (``data.train_subset 5000``, ``data.seed 0``: the same
 images as the protocol's victims) and scores it on the *other* 5000 train images of that file
 (a held-out set: the file's test set is not read). The held-out copy is written once to
-``benchmarks/out/holdout/cifar10-holdout.npz``: x_train = all 10000 train images (so the
-subset is the protocol's), x_test = the 5000 outside the subset. One torch thread; prints
+``benchmarks/out/holdout/cifar10-jpeg75-subset.npz``: x_train = all 10000 train images (so the
+subset is the protocol's, and the protocol's noise files apply), x_test = the 5000 outside the subset. One torch thread; prints
 and appends one JSON line (options, train and held-out accuracy, minutes of fit + scoring)
 to ``benchmarks/out/holdout/results.jsonl``.
 """
@@ -34,8 +35,12 @@ SUBSET, SEED = 5000, 0
 
 
 def holdout_npz() -> Path:
-    """The npz whose test split is the train images outside the protocol's subset (written once)."""
-    path = OUT / "cifar10-holdout.npz"
+    """The npz whose test split is the train images outside the protocol's subset (written once).
+
+    It bears the shared file's name and the same train split, so a noise file of the protocol (keyed on the
+    train split: dataset name, pixels, labels) applies to it: ``-- --data.perturbation <noise file>``.
+    """
+    path = OUT / SHARED_NPZ.name
     if not path.exists():
         with np.load(SHARED_NPZ) as f:
             x, y = f["x_train"], f["y_train"]
