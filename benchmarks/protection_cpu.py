@@ -17,7 +17,7 @@ Protocol (CPU scale, NOT the papers' protocol; say so wherever a figure is quote
   (ResNet-18 at width 16, 15 epochs of batch 128, SGD 0.1 cosine, crop + flip), standard
   training with victim seeds 0, 1, 2; PGD adversarial training at rho_a 2/255 and 4/255 with
   3 steps of rho_a/2 (REM evaluates with 10 of rho_a/4: 3.7x the cost) for clean, EM
-  sample-wise, REM and collapse, seed 0;
+  sample-wise, REM and collapse (and their rho_a variants), seed 0 (`--at-seeds 0,1` for more);
 - every victim reports its train accuracy (last epoch, on the augmented data it trained on)
   and its clean test accuracy.
 
@@ -56,14 +56,15 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 DATA = ["--data.root", str(NPZ)]
 DATA_CONFIG = str(REPO / "configs" / "data" / "cifar10-npz-cpu.yaml")
 #: name -> the configs composed on DATA_CONFIG (each followed by its overlay for that data, ue_lightning.compose);
-#: data collapse is REM's loop plus its score step, and the rho2 variants are overlays given last.
+#: data collapse is REM's loop plus its score step, and the rho2 and rho0 variants are overlays given last.
 GENERATORS = {name: [str(REPO / "configs" / "generator" / f"{m}.yaml") for m in methods] for name, methods in {
     "em-samplewise": ["em-samplewise"], "em-classwise": ["em-classwise"], "rem": ["rem"],
     "collapse": ["rem", "collapse"], "tue": ["tue"], "rem-rho2": ["rem", "cifar10-npz-cpu/rem-rho2"],
-    "collapse-rho2": ["rem", "collapse", "cifar10-npz-cpu/collapse-rho2"]}.items()}
+    "collapse-rho2": ["rem", "collapse", "cifar10-npz-cpu/collapse-rho2"], "rem-rho0": ["rem", "cifar10-npz-cpu/rem-rho0"],
+    "collapse-rho0": ["rem", "collapse", "cifar10-npz-cpu/collapse-rho0"]}.items()}
 #: Generators whose configs include the score step (collapse), so a score estimator is fitted first.
 NEEDS_SCORE = tuple(name for name, paths in GENERATORS.items() if any(p.endswith("/collapse.yaml") for p in paths))
-AT_DATA = ("clean", "em-samplewise", "rem", "collapse", "rem-rho2", "collapse-rho2")
+AT_DATA = ("clean", "em-samplewise", "rem", "collapse", "rem-rho2", "collapse-rho2", "rem-rho0", "collapse-rho0")
 REFERENCE_VICTIM = "resnet18-cpu"
 #: A noise protects if the victim's clean test accuracy is at least this many points below its clean-data one.
 PROTECTED_DROP = 15.0
@@ -278,7 +279,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--only", default=",".join(["clean", *GENERATORS]))
     p.add_argument("--seeds", default="0,1,2", help="victim seeds of standard training")
-    p.add_argument("--radii", default="2,4", help="adversarial-training radii (1/255), seed 0, for " + ",".join(AT_DATA))
+    p.add_argument("--radii", default="2,4", help="adversarial-training radii (1/255), for " + ",".join(AT_DATA))
+    p.add_argument("--at-seeds", default="0", help="victim seeds of the adversarial-training cells, comma-separated")
     p.add_argument("--defences", default="", help="extra standard-training cells DATA:DEFENCE,... with "
                    "data.defence (e.g. em-samplewise:jpeg10,clean:jpeg10), each with the --seeds")
     p.add_argument("--table", action="store_true", help="only print the table of the finished victims")
@@ -304,7 +306,8 @@ def main() -> None:
         seeds = [int(s) for s in a.seeds.split(",") if s]
         radii = [float(r) for r in a.radii.split(",") if r]
         cells = [(n, 0.0, s) for s in seeds for n in names]
-        cells += [(n, r, 0) for r in radii for n in names if n in AT_DATA]
+        at_seeds = [int(s) for s in a.at_seeds.split(",") if s]
+        cells += [(n, r, s) for s in at_seeds for r in radii for n in names if n in AT_DATA]
         defended = [tuple(pair.split(":")) for pair in a.defences.split(",") if pair]
         cells += [(n, 0.0, s, d) for s in seeds for n, d in defended]
         names += [n for n, _ in defended if n not in names]
