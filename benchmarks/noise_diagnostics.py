@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED_NPZ  # noqa: E402
@@ -37,7 +38,7 @@ from ue_lightning.augment import random_crop_flip  # noqa: E402
 from ue_lightning.data.datamodule import stratified_subset  # noqa: E402
 from ue_lightning.data.noise_file import NoiseFile  # noqa: E402
 from ue_lightning.modules.robust import RobustNoiseGenerator  # noqa: E402
-from ue_lightning.sample_rng import indexed_uniform, salt_of  # noqa: E402
+from ue_lightning.sample_rng import salt_of  # noqa: E402
 
 SUBSET, SEED = 5000, 0
 
@@ -62,7 +63,7 @@ def report(ckpt: str, noise: str) -> None:
     if noise != "clean":
         delta = NoiseFile.open(noise).delta_for(index, y).float()  # 1/255 units
         eps = generator.hparams.epsilon
-        start = (2 * indexed_uniform(index, tuple(x.shape[1:]), generator.seed, salt_of("final", "start")) - 1) * eps
+        start = 255 * generator.uniform_box(index, x / 255, generator.radius_px, salt_of("final", "start"))
         corr = torch.corrcoef(torch.stack([start.flatten(), delta.flatten()]))[0, 1]
         print(f"mean |delta| {delta.abs().mean():.2f}/255, {100 * (delta.abs() >= eps - 0.5).float().mean():.0f}% "
               f"at the bound; random start left: correlation {corr:.2f}, "
@@ -87,7 +88,7 @@ def variant(ckpt: str, out: str, settings: list[str]) -> None:
         key, _, value = setting.partition("=")
         if key not in state["hyper_parameters"]:
             raise SystemExit(f"{key}: not a hyperparameter of {ckpt}")
-        state["hyper_parameters"][key] = type(state["hyper_parameters"][key] or 0.0)(value)
+        state["hyper_parameters"][key] = yaml.safe_load(value)  # 3.2 -> float, false -> bool, null -> None
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out)
     print(f"wrote {out}")

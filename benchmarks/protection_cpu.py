@@ -185,17 +185,22 @@ def fit_and_test(args: list[str]) -> dict:
             "cpu_minutes": round((time.process_time() - cpu) / 60, 2)}  # the process's CPU time: less load-bound
 
 
+def victim_args(victim: str, seed: int, root: str | Path, radius: float = 0.0) -> list[str]:
+    """``ue fit`` options of one protocol victim (no checkpoints; PGD AT with 3 steps of rho_a / 2 if radius > 0)."""
+    return ["--config", str(REPO / "configs/data/cifar10-npz-cpu.yaml"), "--config",
+            str(REPO / f"configs/victim/{victim}.yaml"), *DATA, *QUIET, "--seed_everything", str(seed),
+            "--data.eval_batch_size", "500", "--trainer.default_root_dir", str(root), "--trainer.callbacks", "[]",
+            "--trainer.enable_checkpointing", "false", "--trainer.check_val_every_n_epoch", "100",
+            "--model.init_args.adv_radius", str(radius), "--model.init_args.adv_steps", "3",
+            "--model.init_args.adv_step_size", str(radius / 2)]
+
+
 def victim_cell(data: str, radius: float, seed: int, noise: str | None, defence: str = "none",
                 victim: str = REFERENCE_VICTIM) -> None:
     """In a subprocess: fit and test one victim through the package's CLI, write its result.json."""
     tag = victim_tag(data, radius, seed, defence)
     folder = victim_out(victim) / "victim" / tag
-    args = ["--config", "configs/data/cifar10-npz-cpu.yaml", "--config", f"configs/victim/{victim}.yaml", *DATA,
-            *QUIET, "--seed_everything", str(seed), "--data.eval_batch_size", "500",
-            "--trainer.default_root_dir", str(folder), "--trainer.callbacks", "[]",
-            "--trainer.enable_checkpointing", "false", "--trainer.check_val_every_n_epoch", "100",
-            "--model.init_args.adv_radius", str(radius), "--model.init_args.adv_steps", "3",
-            "--model.init_args.adv_step_size", str(radius / 2)]
+    args = victim_args(victim, seed, folder, radius)
     if noise:
         args += ["--data.perturbation", noise]
     if defence != "none":

@@ -23,17 +23,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
-from protection_cpu import DATA, QUIET, REPO, fit_and_test  # noqa: E402
+from protection_cpu import fit_and_test, victim_args  # noqa: E402
 
 VICTIMS = ("resnet18-cpu", "airbench-cpu")
 
 
 def screen(victim: str, noise: str | None, root: str) -> dict:
-    args = ["--config", str(REPO / "configs/data/cifar10-npz-cpu.yaml"), "--config",
-            str(REPO / f"configs/victim/{victim}.yaml"), *DATA, *QUIET, "--seed_everything", "0",
-            "--data.eval_batch_size", "500", "--trainer.default_root_dir", root, "--trainer.callbacks", "[]",
-            "--trainer.enable_checkpointing", "false", "--trainer.check_val_every_n_epoch", "100"]  # as victim_cell
-    return fit_and_test(args + (["--data.perturbation", noise] if noise else []))
+    """One protocol cell's fit + test (seed 0, standard training), as ``protection_cpu.victim_cell`` runs it."""
+    return fit_and_test(victim_args(victim, 0, root) + (["--data.perturbation", noise] if noise else []))
 
 
 def main() -> None:
