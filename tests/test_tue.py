@@ -88,6 +88,55 @@ def test_csd_falls_under_sign_steps_on_the_noise(detach_spread):
     assert after < 0.7 * before, (before, after)
 
 
+def _class_patterns(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise (40, 1, 8, 8) of four classes, every member of a class given its class's pattern exactly.
+
+    ``pixels``: a random +-1 pattern per pixel; ``flat``: one constant value per class.
+    """
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 4
+    if kind == "pixels":
+        patterns = torch.randint(0, 2, (4, 1, 8, 8), generator=g).float() * 2 - 1
+    else:
+        patterns = torch.tensor([-1.0, -0.3, 0.3, 1.0]).view(4, 1, 1, 1).expand(4, 1, 8, 8)
+    return patterns[labels].clone(), labels
+
+
+def test_csd_views_score_what_survives_crops():
+    gen = _tiny_generator(csd_views=4, csd_view_padding=2)
+    index = torch.arange(40)
+    pixels, labels = _class_patterns("pixels")
+    flat, _ = _class_patterns("flat")
+    plain = _tiny_generator()  # csd_views 0: the paper's CSD of the noise itself
+    assert plain.csd_loss(pixels, labels).item() < 1e-4  # identical members: no spread at all
+    assert plain.csd_loss(flat, labels).item() < 1e-4
+    shifted_pixels = gen.csd_loss(pixels, labels, index).item()
+    shifted_flat = gen.csd_loss(flat, labels, index).item()
+    assert shifted_pixels > 4 * shifted_flat, (shifted_pixels, shifted_flat)  # shifts scatter a pixel pattern
+    # the views are drawn per sample: the same whatever the batch order, new for another draw
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(1))
+    assert gen.csd_loss(pixels[order], labels[order], index[order]).item() == pytest.approx(shifted_pixels, rel=1e-5)
+    assert gen.csd_loss(pixels, labels, index, draw=1).item() != pytest.approx(shifted_pixels, rel=1e-5)
+    with pytest.raises(ValueError, match="indices"):
+        gen.csd_loss(pixels, labels)
+    with pytest.raises(ValueError, match="csd_views"):
+        _tiny_generator(csd_views=-1)
+
+
+def test_csd_views_fall_under_sign_steps():
+    gen = _tiny_generator(csd_views=2, csd_view_padding=1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((40, 1, 8, 8), 0.5)
+    labels, index = torch.arange(40) % 4, torch.arange(40)
+    radius = 8 / 255
+    start = (2 * torch.rand(x.shape, generator=g) - 1) * radius
+    before = gen.csd_loss(start, labels, index, draw=99).item()
+    delta = pgd_minimize(gen.noise_objective(x, labels, index), x, radius=radius, step_size=0.8 / 255, steps=10,
+                         init=start)
+    assert delta.abs().max() <= radius + 1e-7
+    assert gen.csd_loss(delta, labels, index, draw=99).item() < 0.7 * before  # on views it never saw
+
+
 # ----------------------------------------------------------------------------- SimCLR pieces
 def test_nt_xent_prefers_matching_views():
     torch.manual_seed(0)

@@ -27,11 +27,13 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ue_lightning.attacks import budget_to_pixels, pgd_minimize, project_linf
+from ue_lightning.augment import random_crop_flip
 from ue_lightning.console import progress
 from ue_lightning.data.datamodule import ProtectedImages
 from ue_lightning.modules.generator_base import StoredNoiseGenerator
 from ue_lightning.modules.simclr import SimCLRNet, classwise_separability, nt_xent, simclr_views
 from ue_lightning.noise_store import CHUNK_BYTES, StoreKind
+from ue_lightning.sample_rng import salt_of
 
 
 class TransferableNoise(StoredNoiseGenerator):
@@ -58,6 +60,11 @@ class TransferableNoise(StoredNoiseGenerator):
         detach_spread: CSD spreads as constants (the reference), see
             :func:`~ue_lightning.modules.simclr.classwise_separability`.
         eot_size: augmentation draws averaged in the SSL term of the noise loss (1).
+        csd_views: 0 (the paper): the CSD scores the noise as it is. n > 0: the CSD is averaged over
+            n random crop (``csd_view_padding``) and flip (when ``flip_p > 0``) views of the noise,
+            drawn anew at every PGD step, so only class patterns that survive a victim's crop + flip
+            keep their classes apart (ours; the README's TUE notes say why and when).
+        csd_view_padding: crop padding of those views in pixels (None: ``image_size // 8``, CIFAR's 4).
         random_start: start the noise uniformly in [-epsilon, epsilon] (the demo), else at 0.
         noise_batch_size: batch of the noise pass (None: the DataModule's batch size, 512 in the paper).
         proj_dim: output size of the projection head (128).
@@ -98,6 +105,8 @@ class TransferableNoise(StoredNoiseGenerator):
         csd_weight: float = 0.1,
         detach_spread: bool = True,
         eot_size: int = 1,
+        csd_views: int = 0,
+        csd_view_padding: int | None = None,
         random_start: bool = True,
         noise_batch_size: int | None = None,
         temperature: float = 0.5,
@@ -121,6 +130,10 @@ class TransferableNoise(StoredNoiseGenerator):
                              "(public demo: ssl_weight 0, csd_weight 0.1)")
         if steps < 1 or train_steps < 1 or eot_size < 1:
             raise ValueError(f"steps={steps}, train_steps={train_steps}, eot_size={eot_size} must be positive")
+        if csd_views < 0 or (csd_view_padding is not None and csd_view_padding < 0):
+            raise ValueError(f"csd_views={csd_views}, csd_view_padding={csd_view_padding} must be >= 0 "
+                             "(csd_views 0: the CSD of the noise itself, as the paper)")
+        self.csd_view_padding = image_size // 8 if csd_view_padding is None else int(csd_view_padding)
         self.step_size_px = budget_to_pixels(step_size, "step_size", allow_zero=False)
         self.automatic_optimization = False
         self.net = SimCLRNet(arch, in_channels, image_size, width, proj_dim)
@@ -203,14 +216,35 @@ class TransferableNoise(StoredNoiseGenerator):
             self.noise_pass()
 
     # ------------------------------------------------------------------ noise
-    def noise_objective(self, x: Tensor, y: Tensor):
-        """Loss callable for PGD: ``ssl_weight * NT-Xent + csd_weight * CSD`` at a perturbed batch."""
+    def csd_loss(self, delta: Tensor, y: Tensor, index: Tensor | None = None, draw: int = 0) -> Tensor:
+        """The CSD of a batch of noise (pixel units, (B, C, H, W)), or its mean over ``csd_views`` crop/flip views.
+
+        The views of sample ``index[b]`` are a pure function of (seed, index, noise pass, ``draw``, view).
+        """
         h = self.hparams
+        if h.csd_views == 0:
+            return classwise_separability(delta, y, detach_spread=h.detach_spread)
+        if index is None:
+            raise ValueError("csd_views > 0 needs the samples' indices (their views are drawn per sample)")
+        total = delta.new_zeros(())
+        for view in range(h.csd_views):
+            salt = salt_of("csd-view", self.noise_passes, draw, view)
+            seen = random_crop_flip(delta, self.csd_view_padding, h.flip_p > 0, index=index, seed=self.seed, salt=salt)
+            total = total + classwise_separability(seen, y, detach_spread=h.detach_spread)
+        return total / h.csd_views
+
+    def noise_objective(self, x: Tensor, y: Tensor, index: Tensor | None = None):
+        """Loss callable for PGD: ``ssl_weight * NT-Xent + csd_weight * CSD`` at a perturbed batch.
+
+        Each call is one PGD step: with ``csd_views`` it draws that step's views.
+        """
+        h = self.hparams
+        draws = iter(range(1 << 30))
 
         def loss(perturbed: Tensor) -> Tensor:
             total = perturbed.new_zeros(())
             if h.csd_weight > 0:
-                total = total + h.csd_weight * classwise_separability(perturbed - x, y, detach_spread=h.detach_spread)
+                total = total + h.csd_weight * self.csd_loss(perturbed - x, y, index, next(draws))
             if h.ssl_weight > 0:
                 for _ in range(h.eot_size):
                     total = total + h.ssl_weight * self._ssl_loss(perturbed) / h.eot_size
@@ -231,7 +265,7 @@ class TransferableNoise(StoredNoiseGenerator):
         for x, y, index in progress(self._noise_loader(), desc=f"TUE noise pass {self.noise_passes + 1}",
                                     trainer=self.trainer):
             x, y = x.to(self.device), y.to(self.device)
-            delta = pgd_minimize(self.noise_objective(x, y), x, radius=self.radius_px, step_size=self.step_size_px,
+            delta = pgd_minimize(self.noise_objective(x, y, index.to(self.device)), x, radius=self.radius_px, step_size=self.step_size_px,
                                  steps=h.steps, init=self._noise_for(index).to(x))
             with torch.no_grad():
                 csd_sum += float(classwise_separability(delta, y))
