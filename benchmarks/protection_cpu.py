@@ -56,15 +56,18 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 DATA = ["--data.root", str(NPZ)]
 DATA_CONFIG = str(REPO / "configs" / "data" / "cifar10-npz-cpu.yaml")
 #: name -> the configs composed on DATA_CONFIG (each followed by its overlay for that data, ue_lightning.compose);
-#: data collapse is REM's loop plus its score step, and the rho2 and rho0 variants are overlays given last.
+#: data collapse is REM's loop plus its score step; the variants (rho2, rho0, score1, views) are overlays given last.
 GENERATORS = {name: [str(REPO / "configs" / "generator" / f"{m}.yaml") for m in methods] for name, methods in {
     "em-samplewise": ["em-samplewise"], "em-classwise": ["em-classwise"], "rem": ["rem"],
     "collapse": ["rem", "collapse"], "tue": ["tue"], "rem-rho2": ["rem", "cifar10-npz-cpu/rem-rho2"],
     "collapse-rho2": ["rem", "collapse", "cifar10-npz-cpu/collapse-rho2"], "rem-rho0": ["rem", "cifar10-npz-cpu/rem-rho0"],
-    "collapse-rho0": ["rem", "collapse", "cifar10-npz-cpu/collapse-rho0"]}.items()}
+    "collapse-rho0": ["rem", "collapse", "cifar10-npz-cpu/collapse-rho0"],
+    "collapse-rho0-score1": ["rem", "collapse", "cifar10-npz-cpu/collapse-rho0", "cifar10-npz-cpu/collapse-rho0-score1"],
+    "tue-views": ["tue", "cifar10-npz-cpu/tue-views"]}.items()}
 #: Generators whose configs include the score step (collapse), so a score estimator is fitted first.
 NEEDS_SCORE = tuple(name for name, paths in GENERATORS.items() if any(p.endswith("/collapse.yaml") for p in paths))
-AT_DATA = ("clean", "em-samplewise", "rem", "collapse", "rem-rho2", "collapse-rho2", "rem-rho0", "collapse-rho0")
+AT_DATA = ("clean", "em-samplewise", "rem", "collapse", "rem-rho2", "collapse-rho2", "rem-rho0", "collapse-rho0",
+           "collapse-rho0-score1")
 REFERENCE_VICTIM = "resnet18-cpu"
 #: A noise protects if the victim's clean test accuracy is at least this many points below its clean-data one.
 PROTECTED_DROP = 15.0
