@@ -136,7 +136,7 @@ def plot(grid: Grid, results: list[dict], path: Path) -> None:
     ax.set_xticks(range(len(rows)), rows, rotation=20 if tilt else 0, ha="right" if tilt else "center")
     ax.set_ylabel("clean test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{grid.name}: victims' clean test accuracy, mean ± std over seeds")
+    ax.set_title(f"{grid.name}\nvictims' clean test accuracy, mean ± std over seeds", fontsize="medium")
     if len(columns) > 1:
         ax.legend(fontsize="small", ncols=min(4, len(columns)))
     fig.tight_layout()
