@@ -17,6 +17,7 @@ by the CSD alone); ``ssl_weight=1, csd_weight=1`` is the combined objective.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Literal, Sequence
 
 import torch
@@ -239,7 +240,7 @@ class TransferableNoise(StoredNoiseGenerator):
         Each call is one PGD step: with ``csd_views`` it draws that step's views.
         """
         h = self.hparams
-        draws = iter(range(1 << 30))
+        draws = itertools.count()  # the PGD step: each call of the loss is one
 
         def loss(perturbed: Tensor) -> Tensor:
             total = perturbed.new_zeros(())
@@ -265,8 +266,9 @@ class TransferableNoise(StoredNoiseGenerator):
         for x, y, index in progress(self._noise_loader(), desc=f"TUE noise pass {self.noise_passes + 1}",
                                     trainer=self.trainer):
             x, y = x.to(self.device), y.to(self.device)
-            delta = pgd_minimize(self.noise_objective(x, y, index.to(self.device)), x, radius=self.radius_px, step_size=self.step_size_px,
-                                 steps=h.steps, init=self._noise_for(index).to(x))
+            objective = self.noise_objective(x, y, index.to(self.device))
+            delta = pgd_minimize(objective, x, radius=self.radius_px, step_size=self.step_size_px, steps=h.steps,
+                                 init=self._noise_for(index).to(x))
             with torch.no_grad():
                 csd_sum += float(classwise_separability(delta, y))
             batches += 1
