@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -107,6 +108,32 @@ def fake_npz(tmp_path: Path) -> Path:
     np.savez(path, x_train=rng.integers(0, 256, (60, 16, 16, 3), dtype=np.uint8), y_train=np.arange(60) % 10,
              x_test=rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8), y_test=np.arange(30) % 10)
     return path
+
+
+#: Trainer settings that make each stage tiny (the digits, 1 thread: the test runs in well under a minute).
+TINY = {
+    "score": {"trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "log_every_n_steps": 1}},
+    "em-classwise": {"model": {"init_args": {"train_steps": 2, "max_rounds": 1}},
+                     "trainer": {"log_every_n_steps": 1}},
+    "tue": {"model": {"init_args": {"train_steps": 2, "steps": 2}},
+            "trainer": {"max_epochs": 1, "limit_train_batches": 2, "log_every_n_steps": 1}},
+    "collapse": {"model": {"init_args": {"steps": 1, "adv_steps": 1, "eot_samples": 1}},
+                 "trainer": {"max_steps": 2, "log_every_n_steps": 1}},
+    "victim": {"trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "log_every_n_steps": 1}},
+}
+#: Each stage's shipped configs; `ue pipeline` composes the first three with the digits data and its overlays.
+SOURCES = {"score": ["score/dsm"], "em-classwise": ["generator/em-classwise"], "tue": ["generator/tue"],
+           "collapse": ["generator/rem", "generator/collapse"], "victim": ["victim/digits"]}
+
+
+def tiny_pipeline_configs(folder: Path) -> dict[str, list[str]]:
+    """Each `ue pipeline` stage's configs (score, em-classwise, tue, collapse, victim), then one making it tiny."""
+    paths = {}
+    for name, sources in SOURCES.items():
+        tiny = folder / f"{name}.yaml"
+        tiny.write_text(yaml.safe_dump(TINY[name]))
+        paths[name] = [*(str(REPO / "configs" / f"{source}.yaml") for source in sources), str(tiny)]
+    return paths
 
 
 def run_ue(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

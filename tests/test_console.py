@@ -16,41 +16,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from conftest import REPO, config_args, shipped
+from conftest import REPO, config_args, shipped, tiny_pipeline_configs
 from ue_lightning.console import progress
 
 #: What a warning looks like on the console: Python's "file.py:12: Category: message" and Lightning's
 #: "file.py:12: message" (its rank_zero_warn drops the category); Lightning's tips; a traceback.
 NOISE = re.compile(r"\.py:\d+: |Warning|warn|deprecat|Tip:|Traceback", re.IGNORECASE)
-
-#: Trainer settings that make each stage tiny (the digits, 1 thread: the test runs in well under a minute).
-TINY = {
-    "score": {"trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "log_every_n_steps": 1}},
-    "em-classwise": {"model": {"init_args": {"train_steps": 2, "max_rounds": 1}},
-                     "trainer": {"log_every_n_steps": 1}},
-    "tue": {"model": {"init_args": {"train_steps": 2, "steps": 2}},
-            "trainer": {"max_epochs": 1, "limit_train_batches": 2, "log_every_n_steps": 1}},
-    "collapse": {"model": {"init_args": {"steps": 1, "adv_steps": 1, "eot_samples": 1}},
-                 "trainer": {"max_steps": 2, "log_every_n_steps": 1}},
-    "victim": {"trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "log_every_n_steps": 1}},
-}
-#: Each stage's shipped configs; `ue pipeline` composes the first three with the digits data and its overlays.
-SOURCES = {"score": ["score/dsm"], "em-classwise": ["generator/em-classwise"], "tue": ["generator/tue"],
-           "collapse": ["generator/rem", "generator/collapse"], "victim": ["victim/digits"]}
-
-
-def _tiny_configs(folder: Path) -> dict[str, list[str]]:
-    """Each stage's configs, then a last one that makes it tiny."""
-    paths = {}
-    for name, sources in SOURCES.items():
-        tiny = folder / f"{name}.yaml"
-        tiny.write_text(yaml.safe_dump(TINY[name]))
-        paths[name] = [*(str(REPO / "configs" / f"{source}.yaml") for source in sources), str(tiny)]
-    return paths
-
 
 def _run(*args: str, cwd: Path) -> str:
     """``python -m ue_lightning.cli ARGS`` at one thread; its stdout and stderr, interleaved as printed."""
@@ -63,10 +36,10 @@ def _run(*args: str, cwd: Path) -> str:
 
 
 def test_pipeline_prints_its_stages_table_and_verdicts_only(tmp_path):
-    configs = _tiny_configs(tmp_path)
+    configs = tiny_pipeline_configs(tmp_path)
     generators = {name: configs[name] for name in ("em-classwise", "tue", "collapse")}
     out = _run("pipeline", "--data", str(REPO / "configs/data/digits.yaml"), "--score", json.dumps(configs["score"]), "--generators", json.dumps(generators),
-               "--victim", json.dumps(configs["victim"]), "--workdir", str(tmp_path / "work"), cwd=tmp_path)
+               "--victim", json.dumps(configs["victim"]), "--workdir", str(tmp_path / "work"), "--jobs", "2", cwd=tmp_path)
     lines = out.splitlines()
     assert not [line for line in lines if NOISE.search(line)], out
 
@@ -74,7 +47,8 @@ def test_pipeline_prints_its_stages_table_and_verdicts_only(tmp_path):
     # timed; a blank line; the table's caption, header, rule and 4 rows; 3 verdicts.
     stages = [line for line in lines if line.startswith("== ")]
     assert [s.split("]")[0] for s in stages] == [f"== [{i}/8" for i in range(1, 9)], out
-    assert sum(bool(re.fullmatch(r"   \(\d+ s\)", line)) for line in lines) == 8, out
+    ends = [line.split("]")[0] for line in lines if re.fullmatch(r"   \[\d/8\] done \(\d+ s\)", line)]
+    assert sorted(ends) == [f"   [{i}/8" for i in range(1, 9)], out
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 6 and len({len(row) for row in table}) == 1, out  # columns aligned
     assert [row.split("|")[1].strip() for row in table[2:]] == ["clean", "em-classwise", "tue", "collapse"]

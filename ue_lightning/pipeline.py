@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
+import torch
 import yaml
 
 from ue_lightning.callbacks import PerturbationWriter
@@ -41,14 +45,14 @@ def _uses_score_model(configs: list[str]) -> bool:
     return False
 
 
-def stage_cli(config: str | list[str], root: Path, *overrides: str):
+def stage_cli(config: str | list[str], root: Path, *overrides: str, progress: bool | None = None):
     """The LightningCLI of one stage (not run): ``config`` (one path, or several merged in order) plus
-    ``overrides``, writing only below ``root``, logging to CSV (``root/logs``), no checkpoints, no progress bar.
-    The notebook uses it too."""
+    ``overrides``, writing only below ``root``, logging to CSV (``root/logs``), no checkpoints; a progress bar
+    if ``progress`` (None: on a terminal). The notebook uses it too."""
     # The configs' callbacks write checkpoints and noise files to their own runs/ folders; the pipeline keeps
     # its models in memory and writes everything it keeps below its workdir instead. Lightning's bars are
     # shown on a terminal only, and cleared after each loop: the stage lines are the pipeline's record.
-    terminal = sys.stdout.isatty()
+    terminal = sys.stdout.isatty() if progress is None else progress
     callbacks = [{"class_path": f"{TransientProgressBar.__module__}.TransientProgressBar"}] if terminal else []
     configs = [config] if isinstance(config, str) else list(config)
     args = [*(a for c in configs for a in ("--config", _check_config(c))), "--trainer.default_root_dir", str(root),
@@ -60,19 +64,20 @@ def stage_cli(config: str | list[str], root: Path, *overrides: str):
     return build_cli(args, run=False)
 
 
-class _Stages:
-    """Announces each stage, numbered, and says how long it took."""
+class _Announcer:
+    """Announces each stage when it starts, numbered, and says when it ends and how long it took."""
 
     def __init__(self, total: int):
-        self.total, self.done = total, 0
+        self.total, self.started = total, 0
 
-    @contextmanager
-    def __call__(self, title: str) -> Iterator[None]:
-        self.done += 1
-        print(f"== [{self.done}/{self.total}] {title}", flush=True)
-        start = time.time()
-        yield
-        print(f"   ({time.time() - start:.0f} s)", flush=True)
+    def start(self, title: str) -> str:
+        self.started += 1
+        number = f"[{self.started}/{self.total}]"
+        print(f"== {number} {title}", flush=True)
+        return number
+
+    def end(self, number: str, seconds: float) -> None:
+        print(f"   {number} done ({seconds:.0f} s)", flush=True)
 
 
 @contextmanager
@@ -111,6 +116,7 @@ def run_pipeline(
     victim: str | list[str] = "configs/victim/digits.yaml",
     adv_radii: list[float] | None = None,
     workdir: str = "runs/pipeline/digits",
+    jobs: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Run score estimator, generators, noise files and victims; print the accuracy table.
 
@@ -125,6 +131,9 @@ def run_pipeline(
         victim: VictimClassifier config, whole (its data section is the one the victims train on).
         adv_radii: adversarial-training radii of the victims, in 1/255 units (0: standard training).
         workdir: where checkpoints, noise files and ``results.json`` go.
+        jobs: stages run at once, each in its own process on one CPU thread, once its inputs exist (default:
+            torch's thread count, i.e. the CPU cores or ``OMP_NUM_THREADS``). The table is the same for any
+            ``jobs``: only the time changes. With a GPU, as many as its memory holds (the digits' stages are small).
 
     Returns:
         ``{train data name: {"rho_a=R": {"train_acc": ..., "test_acc": ...}}}``, accuracies in [0, 1]
@@ -135,11 +144,13 @@ def run_pipeline(
         _check_config(config)
     composed = {name: compose(data, *_as_list(m)) for name, m in methods.items()}
     adv_radii = adv_radii if adv_radii is not None else [0.0]
+    jobs = torch.get_num_threads() if jobs is None else jobs
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs}: at least 1 stage must run at a time")
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    with _lightning_info_off():
-        results = _run_stages(compose(data, *_as_list(score)) if score else None, composed, _as_list(victim),
-                              adv_radii, work)
+    results = _run_stages(compose(data, *_as_list(score)) if score else None, composed, _as_list(victim),
+                          adv_radii, work, jobs)
     print()
     print(format_table(results))
     print(format_verdicts(results))
@@ -155,43 +166,112 @@ def _names(configs: list[str]) -> str:
     return " + ".join("/".join(Path(c).parts[-2:]) for c in configs)
 
 
-def _run_stages(score: list[str] | None, generators: dict[str, list[str]], victim: list[str], adv_radii: list[float],
-                work: Path) -> dict[str, dict[str, dict[str, float]]]:
+@dataclass
+class _Stage:
+    """One stage of the pipeline: ``run(*args)`` in a worker process, after the stages named in ``after``."""
+
+    title: str
+    run: Callable[..., Any]
+    args: tuple
+    after: tuple[str, ...] = ()
+    cell: tuple[str, str] | None = None  # a victim's row (train data) and column (rho_a) in the table
+
+
+def _fit_score(configs: list[str], root: Path, checkpoint: Path) -> None:
+    cli = stage_cli(configs, root, progress=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli.trainer.save_checkpoint(checkpoint, weights_only=True)  # what the generators read: weights
+
+
+def _fit_generator(configs: list[str], root: Path, extra: list[str], output: Path) -> None:
+    cli = stage_cli(configs, root, *extra, progress=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli.trainer.callbacks.append(PerturbationWriter(str(output)))
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
+
+
+def _train_victim(configs: list[str], root: Path, extra: list[str]) -> dict[str, float]:
+    cli = stage_cli(configs, root, *extra, progress=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    train_acc = float(cli.trainer.callback_metrics["train/acc"])  # last epoch, on its (protected) data
+    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    return {"train_acc": train_acc, "test_acc": float(metrics["test/acc"])}
+
+
+def _one_thread_worker() -> None:
+    """A worker computes on one CPU thread: its floats, hence the table, do not depend on the machine's
+    thread count (sums over 1 and 2 threads are ordered differently, and training amplifies the difference).
+    Lightning's INFO lines are off for the worker's life (see ``_lightning_info_off``)."""
+    torch.set_num_threads(1)
+    if not debugging():
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _stages(score: list[str] | None, generators: dict[str, list[str]], victim: list[str], adv_radii: list[float],
+            work: Path) -> dict[str, _Stage]:
+    """The pipeline's stages, keyed by name, in the order they are announced when ready."""
+    stages: dict[str, _Stage] = {}
+    score_ckpt = work / "score.ckpt"
     needs_score = bool(score) and any(_uses_score_model(c) for c in generators.values())
-    stage = _Stages(needs_score + len(generators) + (1 + len(generators)) * len(adv_radii))
-    score_ckpt = None
     if needs_score:
-        with stage(f"score estimator ({_names(score)})"):
-            cli = stage_cli(score, work / "score")
-            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-            score_ckpt = work / "score.ckpt"
-            cli.trainer.save_checkpoint(score_ckpt, weights_only=True)  # what the generators read: weights
-
-    noise_files: dict[str, Path] = {}
+        stages["score"] = _Stage(f"score estimator ({_names(score)})", _fit_score, (score, work / "score", score_ckpt))
+    noise_files: dict[str, Path | None] = {"clean": None}
     for name, config in generators.items():
-        extra = ["--model.init_args.score_checkpoint", str(score_ckpt)] if _uses_score_model(config) and score_ckpt else []
-        output = work / "noise" / f"{name}.safetensors"
-        with stage(f"generator {name} ({_names(config)})"):
-            cli = stage_cli(config, work / "generator" / name, *extra)
-            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-            cli.trainer.callbacks.append(PerturbationWriter(str(output)))
-            cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
-        noise_files[name] = output
-
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for data_name, noise in [("clean", None), *noise_files.items()]:
+        uses_score = needs_score and _uses_score_model(config)
+        extra = ["--model.init_args.score_checkpoint", str(score_ckpt)] if uses_score else []
+        noise_files[name] = work / "noise" / f"{name}.safetensors"
+        stages[f"generator {name}"] = _Stage(f"generator {name} ({_names(config)})", _fit_generator,
+                                             (config, work / "generator" / name, extra, noise_files[name]),
+                                             ("score",) if uses_score else ())
+    for data_name, noise in noise_files.items():
         for radius in adv_radii:
             extra = ["--model.init_args.adv_radius", str(radius)]
             if noise is not None:
                 extra += ["--data.perturbation", str(noise)]
-            with stage(f"victim on {data_name} data, rho_a = {radius:g}/255"):
-                cli = stage_cli(victim, work / "victim" / f"{data_name}-rho{radius:g}", *extra)
-                cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-                train_acc = float(cli.trainer.callback_metrics["train/acc"])  # last epoch, on its (protected) data
-                metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-            cell = {"train_acc": train_acc, "test_acc": float(metrics["test/acc"])}
-            results.setdefault(data_name, {})[f"rho_a={radius:g}"] = cell
-            _write_json(work / "results.json", results)
+            stages[f"victim {data_name} {radius:g}"] = _Stage(
+                f"victim on {data_name} data, rho_a = {radius:g}/255", _train_victim,
+                (victim, work / "victim" / f"{data_name}-rho{radius:g}", extra),
+                () if noise is None else (f"generator {data_name}",), (data_name, f"rho_a={radius:g}"))
+    return stages
+
+
+def _run_stages(score: list[str] | None, generators: dict[str, list[str]], victim: list[str], adv_radii: list[float],
+                work: Path, jobs: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Run the stages, ``jobs`` at once (each in a worker process on one thread), each once its inputs exist."""
+    stages = _stages(score, generators, victim, adv_radii, work)
+    announce = _Announcer(len(stages))
+    done: dict[str, Any] = {}  # stage name -> what it returned
+    running: dict[Future, tuple[str, str, float]] = {}  # -> stage name, its number, its start time
+    context = multiprocessing.get_context("spawn")  # never fork a process whose OpenMP threads have run
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_one_thread_worker) as pool:
+        try:
+            while len(done) < len(stages):
+                started = set(done) | {name for name, _, _ in running.values()}
+                ready = [n for n, stage in stages.items() if n not in started and set(stage.after) <= set(done)]
+                for name in ready[:jobs - len(running)]:  # in the stages' order
+                    number = announce.start(stages[name].title)
+                    running[pool.submit(stages[name].run, *stages[name].args)] = (name, number, time.time())
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name, number, start = running.pop(future)
+                    done[name] = future.result()  # a stage's error is raised here, with its traceback
+                    announce.end(number, time.time() - start)
+                    if stages[name].cell:
+                        _write_json(work / "results.json", _results(stages, done))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return _results(stages, done)
+
+
+def _results(stages: dict[str, _Stage], done: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """The victims' accuracies so far, rows in the stages' order (clean first, then each generator)."""
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for name, stage in stages.items():
+        if stage.cell and name in done:
+            row, column = stage.cell
+            results.setdefault(row, {})[column] = done[name]
     return results
 
 
