@@ -100,6 +100,29 @@ def test_protected_fraction_protects_exactly_that_share(fake_cifar10, tmp_path, 
     assert changed == round(fraction * 50)
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.8])
+def test_drop_protected_trains_on_exactly_the_clean_rest(fake_cifar10, tmp_path, fraction):
+    """The victim's samples under ``drop_protected`` are those the same fraction and seed leave clean."""
+    train = UEDataModule("cifar10", root=str(fake_cifar10), train_subset=50).clean_split("train")
+    NoiseFile.write(tmp_path / "n.safetensors", torch.full((100, 3, 32, 32), 5, dtype=torch.int8),
+                    NoiseMetadata(method="t", epsilon=5, classwise=False, fingerprint=train.fingerprint()))
+    kwargs = dict(root=str(fake_cifar10), augment=False, train_subset=50, perturbation=str(tmp_path / "n.safetensors"),
+                  protected_fraction=fraction, seed=3)
+    noised, dropped = UEDataModule("cifar10", **kwargs), UEDataModule("cifar10", drop_protected=True, **kwargs)
+    noised.setup("fit")
+    dropped.setup("fit")
+    seen = {int(i) for _, _, index in dropped.train_dataloader() for i in index}
+    clean_in_noised = {int(i) for x, _, index in noised.train_dataloader()
+                       for xi, i in zip(x, index) if torch.equal((xi * 255).round(), noised.clean_split("train").images[i].float())}
+    assert seen == clean_in_noised and len(seen) == 50 - round(fraction * 50)
+    assert seen <= set(noised.train_indices().tolist())
+    for x, _, index in dropped.train_dataloader():  # the clean images, untouched
+        assert torch.equal((x * 255).round(), dropped.clean_split("train").images[index].float())
+    assert "left out" in dropped.describe()
+    with pytest.raises(ValueError, match="protected_fraction below 1"):
+        UEDataModule("cifar10", root=str(fake_cifar10), drop_protected=True)
+
+
 def test_protected_mask_choice_is_seeded():
     cand = torch.arange(10, 30)
     a = protected_mask(40, cand, 0.25, seed=1)

@@ -121,6 +121,22 @@ def test_expansion_shares_generators_and_score(tmp_path):
         select(grid, ["bogus=1"])
 
 
+def test_clean_rest_cells_train_on_each_fractions_clean_part_without_noise(tmp_path):
+    grid = load_grid(_write(tmp_path / "g.yaml", {
+        "datasets": {"d": str(REPO / "configs/data/digits.yaml")}, "victims": {"v": str(REPO / "configs/victim/digits.yaml")},
+        "sources": {"clean": None, "rest": "clean-rest", "random": str(REPO / "configs/generator/random.yaml")},
+        "protected_fractions": [0.5, 1.0], "seeds": [0]}))
+    rest = [c for c in grid.cells if c["source"] == "rest"]
+    assert [c["protected_fraction"] for c in rest] == [0.5]  # no cell at 100%: nothing would be left
+    stage = grid.stages[rest[0]["key"]]
+    args = dict(zip(stage.args[::2], stage.args[1::2]))
+    assert args["--data.protected_fraction"] == "0.5" and args["--data.drop_protected"] == "true"
+    assert "--data.perturbation" not in args and stage.needs == []  # no noise is made or read for it
+    noised = next(grid.stages[c["key"]] for c in grid.cells if c["source"] == "random" and c["protected_fraction"] == 0.5)
+    assert "--data.drop_protected" not in noised.args
+    assert len(grid.cells) == 1 + 1 + 2
+
+
 def test_grid_errors_name_the_fix(tmp_path):
     base = {"datasets": {"d": str(REPO / "configs/data/digits.yaml")},
             "victims": {"v": str(REPO / "configs/victim/digits.yaml")}}

@@ -33,7 +33,7 @@ commands:
   grid       run a YAML grid of cells (the papers' tables) resumably, here or on SLURM, and render it
 
 examples:
-  ue pipeline                                        # everything on the embedded digits, ~3.5 min
+  ue pipeline                                        # everything on the embedded digits, ~3 min
   ue protect --input my-photos/ --output my-photos-protected/   # + report.md, grid.png
   ue fit --config configs/data/cifar10.yaml --config configs/generator/em-samplewise.yaml
   ue predict --config configs/data/cifar10.yaml --config configs/generator/em-samplewise.yaml \\

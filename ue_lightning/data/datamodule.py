@@ -111,6 +111,9 @@ class UEDataModule(L.LightningDataModule):
             None trains on clean data.
         protected_fraction: share of the train samples that get noise (seeded choice);
             the rest stay clean.
+        drop_protected: train on the clean rest alone: the samples ``protected_fraction`` marks are left
+            out instead of noised (the same seeded choice), the baseline partial protection is compared with
+            (a thief who trains only on what was not protected). Needs ``protected_fraction`` < 1.
         augment: random training augmentation (crop + flip, per dataset); noise
             generators turn it off, victims keep it on.
         max_classes: keep the first (sorted) class folders of ``imagenet_subset`` (default 100)
@@ -139,6 +142,7 @@ class UEDataModule(L.LightningDataModule):
         train_subset: int | None = None,
         perturbation: str | None = None,
         protected_fraction: float = 1.0,
+        drop_protected: bool = False,
         augment: bool = True,
         max_classes: int | None = None,
         resize: int | None = None,
@@ -152,6 +156,9 @@ class UEDataModule(L.LightningDataModule):
             raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
         if not 0.0 <= protected_fraction <= 1.0:
             raise ValueError(f"protected_fraction={protected_fraction} must be in [0, 1]")
+        if drop_protected and protected_fraction == 1.0:
+            raise ValueError("drop_protected leaves out every train sample at protected_fraction=1: set "
+                             "data.protected_fraction below 1 (the share left out)")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be positive")
         if defence not in DEFENCES:
@@ -161,6 +168,7 @@ class UEDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.train_subset, self.perturbation = num_workers, train_subset, perturbation
         self.protected_fraction, self.augment, self.seed = protected_fraction, augment, seed
+        self.drop_protected = drop_protected
         self.resize, self.crop, self.predict_split = resize, crop, predict_split
         self.max_classes, self.defence = max_classes, defence
         self._clean: dict[str, CleanImages] = {}
@@ -203,6 +211,15 @@ class UEDataModule(L.LightningDataModule):
             return torch.arange(len(labels))
         return stratified_subset(labels, self.train_subset, self.seed)
 
+    def victim_indices(self) -> Tensor:
+        """Indices of the samples a victim trains on: ``train_indices()``, less the protected share if
+        ``drop_protected``."""
+        indices = self.train_indices()
+        if not self.drop_protected:
+            return indices
+        mask = protected_mask(self.num_train_samples, indices, self.protected_fraction, self.seed)
+        return indices[~mask[indices]]
+
     # ------------------------------------------------------------------ datasets
     def setup(self, stage: str | None = None) -> None:
         train = self.clean_split("train")
@@ -224,7 +241,7 @@ class UEDataModule(L.LightningDataModule):
         self.train_defence = build_defence(self.defence, dataset=self.dataset, image_size=self.image_size,
                                            num_classes=self.num_classes)
         augmentation = _augmentation(self.dataset, shape, self.crop, self.augment, self.train_defence)
-        self.train_set = Subset(ProtectedImages(train, augmentation, noise, mask), self.train_indices().tolist())
+        self.train_set = Subset(ProtectedImages(train, augmentation, noise, mask), self.victim_indices().tolist())
         test = self.clean_split("test")
         self.test_set = ProtectedImages(test, _augmentation(self.dataset, shape, self.crop, train=False))
         plain = v2.ToDtype(torch.float32, scale=True)
@@ -258,5 +275,7 @@ class UEDataModule(L.LightningDataModule):
 
     def describe(self) -> str:
         p = f", protected by {Path(self.perturbation).name} ({self.protected_fraction:.0%})" if self.perturbation else ", clean"
+        if self.drop_protected:
+            p = f", clean, the {self.protected_fraction:.0%} to protect left out"
         d = f", defence {self.defence}" if self.defence != "none" else ""
-        return f"{self.dataset} ({len(self.train_indices())} train samples{p}{d})"
+        return f"{self.dataset} ({len(self.victim_indices())} train samples{p}{d})"

@@ -34,6 +34,9 @@ AXIS_KEYS = {"datasets": "dataset", "sources": "source", "surrogates": "surrogat
              "seeds": "seed"}
 #: Axes a clean (unprotected) cell has no value for.
 NOT_FOR_CLEAN = ("surrogate", "protected_fraction")
+#: A source's value for "the clean rest alone": at each protected fraction, a victim trained on the samples that
+#: fraction leaves clean, without the protected ones (``data.drop_protected``): the baseline of partial protection.
+CLEAN_REST = "clean-rest"
 ARG_KEYS = ("victim_args", "generator_args")
 TOP_KEYS = {"name", "output", *AXIS_KEYS, *ARG_KEYS, "parts", "slurm"}
 STAGE_KINDS = ("score", "generator", "victim")
@@ -138,6 +141,8 @@ def _normalise_entries(axis: str, raw: Any) -> dict[str, dict]:
     for name, spec in raw.items():
         if axis == "source" and spec in (None, "clean"):
             spec = {}
+        elif axis == "source" and spec == CLEAN_REST:
+            spec = {"clean_rest": True}
         elif isinstance(spec, (str, list)):  # a config, or configs merged in order
             spec = {"generator" if axis == "source" else "config": spec}
         elif axis == "surrogate" and isinstance(spec, dict) and "args" not in spec:
@@ -145,7 +150,7 @@ def _normalise_entries(axis: str, raw: Any) -> dict[str, dict]:
         if not isinstance(spec, dict):
             raise ValueError(f"grid: {axis} {name!r}: expected a config path, a list of them or a mapping, "
                              f"got {spec!r}")
-        allowed = {"source": {"generator", "score", "args"}, "surrogate": {"args"}}.get(axis, {"config", "args"})
+        allowed = {"source": {"generator", "score", "args", "clean_rest"}, "surrogate": {"args"}}.get(axis, {"config", "args"})
         if set(spec) - allowed:
             raise ValueError(f"grid: {axis} {name!r}: unknown keys {sorted(set(spec) - allowed)} "
                              f"(allowed: {sorted(allowed)})")
@@ -291,7 +296,8 @@ class _Planner:
                                str(self.output / "noise" / key), paths, cli_args(overrides),
                                self.cwd, needs, _checkpoint_settings(contents)))
 
-    def victim(self, cell: dict, dataset: dict, victim: dict, victim_args: dict, noise: Stage | None) -> Stage:
+    def victim(self, cell: dict, dataset: dict, victim: dict, victim_args: dict, noise: Stage | None,
+               clean_rest: bool = False) -> Stage:
         paths, contents = [], []
         for config in [*_as_list(dataset.get("config")), *_as_list(victim.get("config"))]:
             path, content = self._config(config, "config")
@@ -305,6 +311,8 @@ class _Planner:
         if noise is not None:
             overrides["data.perturbation"] = str(noise.result)
             overrides["data.protected_fraction"] = cell["protected_fraction"]
+        if clean_rest:
+            overrides.update({"data.protected_fraction": cell["protected_fraction"], "data.drop_protected": True})
         overrides = _changes(overrides, contents)
         key = stable_hash({"configs": contents, "args": overrides, "noise": noise.key if noise else None})
         return self._add(Stage("victim", key, describe(cell), str(self.output / "cells" / key),
@@ -346,7 +354,11 @@ def load_grid(path: str | Path, cwd: str | None = None) -> Grid:
         for values in itertools.product(*(axes[a] for a in AXES)):
             cell = dict(zip(AXES, values))
             source = axes["source"][cell["source"]]
-            if not source.get("generator"):  # clean data: one cell, whatever the surrogate and protected share
+            if source.get("clean_rest"):  # the clean rest of each protected share: no surrogate, no cell at 100%
+                if float(cell["protected_fraction"]) == 1.0:
+                    continue
+                cell["surrogate"] = None
+            elif not source.get("generator"):  # clean data: one cell, whatever the surrogate and protected share
                 cell.update({axis: None for axis in NOT_FOR_CLEAN})
             dataset = _fill(axes["dataset"][cell["dataset"]], cell)
             noise = None
@@ -354,7 +366,7 @@ def load_grid(path: str | Path, cwd: str | None = None) -> Grid:
                 noise = planner.generator(cell, _fill(source, cell), _fill(axes["surrogate"][cell["surrogate"]], cell),
                                           dataset, _fill(part.get("generator_args") or {}, cell))
             stage = planner.victim(cell, dataset, _fill(axes["victim"][cell["victim"]], cell),
-                                   _fill(part.get("victim_args") or {}, cell), noise)
+                                   _fill(part.get("victim_args") or {}, cell), noise, bool(source.get("clean_rest")))
             cells.setdefault(stage.key, {**cell, "key": stage.key})
     kinds = {kind: i for i, kind in enumerate(STAGE_KINDS)}
     stages = dict(sorted(planner.stages.items(), key=lambda item: kinds[item[1].kind]))
