@@ -3,7 +3,8 @@
 score estimator -> noise generators (fit, then predict over the train set into noise
 files) -> victims trained on clean and on each protected train set (at each adversarial
 radius) -> clean test accuracy table. Each stage is the same LightningCLI that
-``ue fit/predict/test`` runs, built from the stage's YAML config.
+``ue fit/predict/test`` runs, built from the stage's YAML config, in a worker process on one CPU
+thread (so the table is the same for any thread count), ``jobs`` stages at once.
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ class _Announcer:
 
 @contextmanager
 def _lightning_info_off() -> Iterator[None]:
-    """Lightning's INFO lines (devices, seed, stop reasons) off while the stages run: they would repeat at
-    every stage, and the pipeline prints its own stage lines. Its warnings still show; UE_DEBUG=1 shows all."""
+    """Lightning's INFO lines (devices, seed, stop reasons) off while in-process stages run (the benchmarks'
+    scripts): they would repeat at every stage. Its warnings still show; UE_DEBUG=1 shows all."""
     loggers = [] if debugging() else [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
