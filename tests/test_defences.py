@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from conftest import REPO
@@ -144,6 +145,30 @@ def test_ueraser_plasma_maps_and_range():
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
 
 
+def test_ueraser_max_serves_five_views_and_trains_on_each_images_worst(fake_npz):
+    torch.manual_seed(0)
+    dm = UEDataModule("npz", root=str(fake_npz), batch_size=4, defence="ueraser-max")
+    dm.setup("fit")
+    views, y, _ = next(iter(dm.train_dataloader()))
+    assert views.shape == (4, 5, 3, 16, 16) and 0 <= views.min() and views.max() <= 1
+    assert not torch.equal(views[:, 0], views[:, 1])  # independent draws of the augmentation
+    assert next(iter(dm.test_dataloader()))[0].ndim == 4
+    model = VictimClassifier(arch="resnet18", num_classes=10, in_channels=3, image_size=16, width=4,
+                             worst_view_fraction=0.5)
+    model.eval()  # BatchNorm in eval mode: a view's logits do not depend on the other views
+    per_view = torch.stack([F.cross_entropy(model(views[:, v]), y, reduction="none") for v in range(5)])
+    model._trainer = SimpleNamespace(global_step=4, estimated_stepping_batches=10)  # 40% of the steps: worst view
+    logits, loss = model.views_loss(views, y)
+    assert torch.allclose(loss, per_view.max(0).values.mean()) and torch.allclose(logits, model(views[:, 0]))
+    assert loss > per_view.mean() + 1e-4  # not the mean over views
+    model._trainer = SimpleNamespace(global_step=5, estimated_stepping_batches=10)  # then the first view alone
+    assert torch.allclose(model.views_loss(views, y)[1], per_view[0].mean())
+    with pytest.raises(ValueError, match="adversarially"):
+        VictimClassifier(arch="resnet18", image_size=16, width=4, adv_radius=4).views_loss(views, y)
+    with pytest.raises(ValueError, match="worst_view_fraction"):
+        VictimClassifier(worst_view_fraction=1.5)
+
+
 def test_defence_reaches_train_images_only(fake_npz):
     dm = UEDataModule("npz", root=str(fake_npz), batch_size=12, defence="grayscale")
     dm.setup("fit")
@@ -166,6 +191,11 @@ def test_label_mixing_needs_a_model_that_takes_soft_targets(fake_npz):
     dm.trainer = SimpleNamespace(lightning_module=L.LightningModule())
     with pytest.raises(ValueError, match="soft targets"):
         dm.train_dataloader()
+    views = UEDataModule("npz", root=str(fake_npz), defence="ueraser-max")
+    views.setup("fit")
+    views.trainer = dm.trainer
+    with pytest.raises(ValueError, match="views of each train image"):
+        views.train_dataloader()
     with pytest.raises(ValueError, match="choose one of"):
         UEDataModule("npz", defence="jpeg")
 

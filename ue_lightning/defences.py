@@ -6,7 +6,8 @@ places of the train pipeline, each named by a field of :class:`Defence`:
 
 * ``squeeze``: on the stored uint8 image (C, H, W), 0-255, before the crop/flip augmentation
   (JPEG, greyscale, bit-depth reduction, ISS: the data is compressed once, as ISS does);
-* ``augment``: on the float image (C, H, W) in [0, 1] after crop/flip (cutout, UEraser);
+* ``augment``: on the float image (C, H, W) in [0, 1] after crop/flip (cutout, UEraser); with
+  ``views`` > 1 it is drawn that many times and the views stacked (V, C, H, W) (UEraser-Max);
 * ``batch``: on the collated batch, where labels become soft targets (mixup, cutmix).
 
 Each name is a preset with its paper's parameters (:data:`DEFENCES`); the classes below take
@@ -28,11 +29,13 @@ from PIL import Image
 from torchvision.transforms import v2
 
 DefenceName = Literal["none", "jpeg10", "jpeg50", "grayscale", "bitdepth", "cutout", "mixup", "cutmix", "iss",
-                      "ueraser"]
+                      "ueraser", "ueraser-max"]
 #: Every ``data.defence`` value, in the order of the README's table.
 DEFENCES: tuple[str, ...] = get_args(DefenceName)
 #: Bit depth of ``bitdepth``, ours: Xu et al. 2018 test 1-8 bits on CIFAR-10 and detect with 5; 4 squeezes harder.
 BIT_DEPTH = 4
+#: Augmented views of each image under ``ueraser-max`` (UEraser's ``repeat``/``--repeats``: 5).
+UERASER_MAX_VIEWS = 5
 
 
 class Jpeg(torch.nn.Module):
@@ -176,6 +179,17 @@ def ueraser() -> list[Callable[[Tensor], Tensor]]:
             v2.TrivialAugmentWide()]
 
 
+class Views(torch.nn.Module):
+    """``count`` independent draws of a random ``transform`` of one float image (C, H, W), stacked: (count, C, H, W)."""
+
+    def __init__(self, transform: Callable[[Tensor], Tensor], count: int):
+        super().__init__()
+        self.transform, self.count = transform, count
+
+    def forward(self, image: Tensor) -> Tensor:
+        return torch.stack([self.transform(image) for _ in range(self.count)])
+
+
 class BatchMix:
     """A train DataLoader's ``collate_fn``: collate ``(image, label, index)`` samples, then mix with probability ``p``.
 
@@ -206,6 +220,7 @@ class Defence:
     squeeze: list[Callable[[Tensor], Tensor]] = field(default_factory=list)
     augment: list[Callable[[Tensor], Tensor]] = field(default_factory=list)
     batch: BatchMix | None = None
+    views: int = 1  # > 1: ``augment`` is drawn this many times per image, and the train batch is (B, V, C, H, W)
 
     @property
     def mixes_labels(self) -> bool:
@@ -236,6 +251,8 @@ def build_defence(name: str, *, dataset: str, image_size: int, num_classes: int)
         return Defence(name, augment=[Cutout(8 if dataset == "cifar100" else max(1, image_size // 2))])
     if name == "ueraser":
         return Defence(name, augment=ueraser())
+    if name == "ueraser-max":  # 5 views (its README and code); the victim trains on each image's worst view
+        return Defence(name, augment=ueraser(), views=UERASER_MAX_VIEWS)
     if name == "mixup":  # Zhang et al. 2018: alpha 1 on CIFAR, every batch
         return Defence(name, batch=BatchMix(v2.MixUp(alpha=1.0, num_classes=num_classes), num_classes))
     if name == "cutmix":  # Yun et al. 2019: alpha (beta) 1, cutmix_prob 0.5 in the authors' CIFAR command

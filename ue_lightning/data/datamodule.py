@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 
 from ue_lightning.data.datasets import DATASETS, CleanImages, load_dataset
 from ue_lightning.data.noise_file import NoiseFile, NoiseFileError, apply_delta
-from ue_lightning.defences import DEFENCES, Defence, DefenceName, build_defence
+from ue_lightning.defences import DEFENCES, Defence, DefenceName, Views, build_defence
 
 
 def stratified_subset(labels: Tensor, size: int, seed: int) -> Tensor:
@@ -91,7 +91,8 @@ def _augmentation(dataset: str, image_shape: tuple[int, int, int], crop: int, tr
     else:
         steps = [v2.RandomCrop(image_shape[1], padding=image_shape[1] // 8), v2.RandomHorizontalFlip()]
     if defence is not None:
-        return v2.Compose([*defence.squeeze, *steps, to_float, *defence.augment])
+        augment = [Views(v2.Compose(defence.augment), defence.views)] if defence.views > 1 else defence.augment
+        return v2.Compose([*defence.squeeze, *steps, to_float, *augment])
     return v2.Compose([*steps, to_float])
 
 
@@ -127,8 +128,9 @@ class UEDataModule(L.LightningDataModule):
         defence: what a data thief does to the train images after reading them (protected
             or not), with its paper's parameters (``ue_lightning.defences``): ``jpeg10``,
             ``jpeg50``, ``grayscale``, ``bitdepth``, ``cutout``, ``mixup``, ``cutmix``, ``iss``,
-            ``ueraser`` or ``none``. Never applied to test or predict data. ``mixup`` and
-            ``cutmix`` turn train labels into soft targets (B, num_classes).
+            ``ueraser``, ``ueraser-max`` or ``none``. Never applied to test or predict data. ``mixup`` and
+            ``cutmix`` turn train labels into soft targets (B, num_classes); ``ueraser-max`` makes
+            train batches of 5 views of each image (B, 5, C, H, W), which the victim trains on.
     """
 
     def __init__(
@@ -256,11 +258,15 @@ class UEDataModule(L.LightningDataModule):
                           collate_fn=collate_fn)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled train batches; under ``mixup``/``cutmix`` the labels are soft targets (B, num_classes)."""
-        mix = self.train_defence.batch
+        """Shuffled train batches; under ``mixup``/``cutmix`` the labels are soft targets (B, num_classes),
+        under ``ueraser-max`` the images views (B, V, C, H, W)."""
+        mix, views = self.train_defence.batch, self.train_defence.views
         module = self.trainer.lightning_module if self.trainer is not None else None
         if mix is not None and module is not None and not getattr(module, "accepts_soft_targets", False):
             raise ValueError(f"data.defence {self.defence} mixes labels into soft targets, which "
+                             f"{type(module).__name__} does not train on; use it with VictimClassifier")
+        if views > 1 and module is not None and not getattr(module, "accepts_views", False):
+            raise ValueError(f"data.defence {self.defence} serves {views} views of each train image, which "
                              f"{type(module).__name__} does not train on; use it with VictimClassifier")
         return self._loader(self.train_set, self.batch_size, shuffle=True, collate_fn=mix)
 

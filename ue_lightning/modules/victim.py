@@ -29,6 +29,11 @@ class VictimClassifier(L.LightningModule):
     ``mixup`` and ``cutmix`` defences make them: the loss is then the soft-target cross-entropy
     and ``train/acc`` counts a prediction right when it is the class with the largest weight.
 
+    Train images may also arrive as several augmented views of each (B, V, C, H, W), as the
+    DataModule's ``ueraser-max`` defence makes them: for the first ``worst_view_fraction`` of the
+    steps the loss is each image's worst view's (UEraser-Max's adversarial augmentation), then
+    the first view's alone; ``train/acc`` counts the first view.
+
     The fast victim (``arch: airbench``, ``configs/victim/airbench-cpu.yaml``): when training
     starts, its frozen first layer is set to whiten the 2x2 patches of the first
     ``WHITENING_IMAGES`` (5000) train images the train loader serves (augmented, protected if
@@ -64,10 +69,16 @@ class VictimClassifier(L.LightningModule):
         fit_whitening: ``airbench`` only: fit its first layer's patch whitening from the train
             batches when training starts (False: keep the unfitted layer, each patch pixel with
             both signs).
+        worst_view_fraction: with views of each train image (``data.defence: ueraser-max``), the
+            share of the training steps whose loss is the mean over images of their worst view's
+            cross-entropy, one forward pass a view (UEraser's README: the first 60 of 200 epochs);
+            afterwards the first view is trained on alone. Adversarial training is refused with views.
     """
 
     #: The DataModule may send soft targets (mixup, cutmix) to ``training_step``.
     accepts_soft_targets = True
+    #: ... and several views of each image (ueraser-max), (B, V, C, H, W).
+    accepts_views = True
 
     def __init__(
         self,
@@ -92,10 +103,13 @@ class VictimClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         tta_flip: bool = False,
         fit_whitening: bool = True,
+        worst_view_fraction: float = 0.3,
     ):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+        if not 0.0 <= worst_view_fraction <= 1.0:
+            raise ValueError(f"worst_view_fraction={worst_view_fraction} must be in [0, 1] (a share of the steps)")
         self.save_hyperparameters()
         self.adv_radius_px = budget_to_pixels(adv_radius, "adv_radius")
         step = adv_radius / 4 if adv_step_size is None else adv_step_size
@@ -130,7 +144,7 @@ class VictimClassifier(L.LightningModule):
         images, count = [], 0
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             for x, *_ in self.trainer.train_dataloader:
-                images.append(x.to(self.device))
+                images.append((x[:, 0] if x.ndim == 5 else x).to(self.device))  # views: the first
                 count += len(x)
                 if count >= WHITENING_IMAGES:
                     break
@@ -148,12 +162,30 @@ class VictimClassifier(L.LightningModule):
         self.model.train(was_training)
         return x + delta
 
+    def views_loss(self, views: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits of the first view (B, num_classes) and the loss of ``views`` (B, V, C, H, W): during the first
+        ``worst_view_fraction`` of the steps the mean over images of their largest cross-entropy over views (one
+        forward pass a view, so BatchNorm sees batches of B as in UEraser's code), afterwards the first view's."""
+        if self.adv_radius_px > 0:
+            raise ValueError("views of each train image (data.defence ueraser-max) cannot be adversarially "
+                             "trained on; use data.defence ueraser, or adv_radius 0")
+        if self.global_step >= self.hparams.worst_view_fraction * self.trainer.estimated_stepping_batches:
+            logits = self.model(views[:, 0])
+            return logits, self.loss(logits, y)
+        logits = [self.model(views[:, v]) for v in range(views.shape[1])]
+        losses = torch.stack([F.cross_entropy(out, y, reduction="none", label_smoothing=self.hparams.label_smoothing)
+                              for out in logits])  # (V, B)
+        return logits[0], losses.amax(0).mean()
+
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y, _ = batch
-        if self.adv_radius_px > 0:
-            x = self.adversarial(x, y)
-        logits = self.model(x)
-        loss = self.loss(logits, y)  # y: class indices (B,) or soft targets (B, K)
+        if x.ndim == 5:
+            logits, loss = self.views_loss(x, y)
+        else:
+            if self.adv_radius_px > 0:
+                x = self.adversarial(x, y)
+            logits = self.model(x)
+            loss = self.loss(logits, y)  # y: class indices (B,) or soft targets (B, K)
         self.train_acc(logits.detach(), y.argmax(1) if y.ndim == 2 else y)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
