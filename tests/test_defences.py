@@ -13,10 +13,12 @@ from torchvision.transforms import v2
 
 from conftest import REPO
 from ue_lightning.data import UEDataModule
+from ue_lightning.data import NoiseFile, NoiseMetadata, protected_mask
 from ue_lightning.defences import (DEFENCES, BatchMix, BitDepth, Cutout, Jpeg, PlasmaBrightness, PlasmaContrast,
                                    build_defence, grayscale, plasma)
 from ue_lightning.lightning_cli import build_cli
-from ue_lightning.modules import VictimClassifier
+from ue_lightning.modules import ScoreEstimator, VictimClassifier
+from ue_lightning.purification import PurifiedImages, tweedie_denoise
 
 
 def smooth_image(size: int = 32) -> torch.Tensor:
@@ -219,3 +221,64 @@ def test_cli_takes_the_defence_by_name(capsys):
     with pytest.raises(SystemExit) as refused:
         build_cli(args[:4] + ["jpeg", "--print_config"])
     assert refused.value.code != 0 and "jpeg10" in capsys.readouterr().err
+
+
+def test_tweedie_denoise_returns_each_class_image_under_its_exact_score():
+    # Each class is one image x0[y]: p_sigma(x | y) = N(x0[y], sigma^2 I), score -(x - x0[y]) / sigma^2, and one
+    # Tweedie step lands on x0[y] exactly, whatever the perturbation and the noise drawn.
+    sigma, g = 0.1, torch.Generator().manual_seed(0)
+    x0 = torch.randint(40, 216, (3, 3, 8, 8), generator=g, dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 1])
+    protected = (x0[labels].short() + torch.randint(-8, 9, (4, 3, 8, 8), generator=g)).clamp(0, 255).to(torch.uint8)
+    exact = lambda x, y: -(x - x0[y].float() / 255) / sigma ** 2  # noqa: E731
+    out = tweedie_denoise(protected, labels, torch.arange(4), exact, sigma, seed=0)
+    assert out.dtype == torch.uint8 and (out.short() - x0[labels].short()).abs().max() <= 1
+    # with no score it is the noisy image: noise of std sigma, a function of (seed, index) only
+    grey = torch.full((6, 3, 16, 16), 128, dtype=torch.uint8)
+    zero = lambda x, y: torch.zeros_like(x)  # noqa: E731
+    whole = tweedie_denoise(grey, torch.zeros(6, dtype=torch.int64), torch.arange(6), zero, sigma, seed=1)
+    assert abs((whole.float() - 128).std().item() - sigma * 255) < 1.0
+    halves = [tweedie_denoise(grey[:3], torch.zeros(3, dtype=torch.int64), i, zero, sigma, seed=1)
+              for i in (torch.arange(3), torch.arange(3, 6))]
+    assert torch.equal(torch.cat(halves), whole)
+    assert not torch.equal(tweedie_denoise(grey, torch.zeros(6, dtype=torch.int64), torch.arange(6), zero, sigma,
+                                           seed=2), whole)
+    with pytest.raises(ValueError, match="uint8"):
+        tweedie_denoise(grey.float(), torch.zeros(6, dtype=torch.int64), torch.arange(6), zero, sigma, seed=1)
+
+
+def test_purify_with_denoises_the_published_train_images_once(fake_npz, tmp_path):
+    score = ScoreEstimator(num_classes=10, in_channels=3, image_size=16, width=4, sigma=0.1)
+    checkpoint = tmp_path / "score.ckpt"
+    torch.save({"hyper_parameters": dict(score.hparams), "state_dict": score.state_dict()}, checkpoint)
+    dm = UEDataModule("npz", root=str(fake_npz), batch_size=8, eval_batch_size=7, augment=False,
+                      train_subset=30, perturbation=str(tmp_path / "n.safetensors"), protected_fraction=0.5,
+                      purify_with=str(checkpoint))
+    train = dm.clean_split("train")
+    delta = torch.full(train.images.shape, 8, dtype=torch.int8)
+    NoiseFile.write(tmp_path / "n.safetensors", delta,
+                    NoiseMetadata(method="t", epsilon=8, classwise=False, fingerprint=train.fingerprint()))
+    dm.setup("fit")
+    indices = dm.victim_indices()
+    mask = protected_mask(len(train), dm.train_indices(), 0.5, seed=0)[indices]
+    assert 0 < mask.sum() < len(mask)
+    published = train.images[indices].short() + 8 * mask[:, None, None, None]
+    expected = tweedie_denoise(published.clamp(0, 255).to(torch.uint8), train.targets[indices], indices,
+                               score.score, 0.1, seed=0)
+    served = torch.stack([dm.train_set[i][0] for i in range(len(indices))])
+    assert torch.allclose(served, expected.float() / 255)  # noise first, then purified, in batches of 7
+    assert not torch.equal(expected, published.clamp(0, 255).to(torch.uint8))
+    assert torch.allclose(next(iter(dm.test_dataloader()))[0][0], dm.clean_split("test").images[0].float() / 255)
+    assert "purified with" in dm.describe()
+    model = VictimClassifier(arch="resnet18", num_classes=10, in_channels=3, image_size=16, width=4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, UEDataModule("npz", root=str(fake_npz), batch_size=8, purify_with=str(checkpoint),
+                                    defence="jpeg50"))  # on the trainer's device, then a defence
+    assert trainer.global_step == 1 and isinstance(trainer.datamodule.train_set.dataset.base, PurifiedImages)
+    other = ScoreEstimator(num_classes=2, in_channels=3, image_size=16, width=4)
+    torch.save({"hyper_parameters": dict(other.hparams), "state_dict": other.state_dict()}, tmp_path / "other.ckpt")
+    for path, match in ((tmp_path / "other.ckpt", "num_classes=2 in the checkpoint but 10"),
+                        (tmp_path / "missing.ckpt", "does not exist.*configs/score/dsm.yaml")):
+        with pytest.raises(ValueError, match=match):
+            UEDataModule("npz", root=str(fake_npz), purify_with=str(path)).setup("fit")

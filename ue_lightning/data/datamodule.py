@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 from ue_lightning.data.datasets import DATASETS, CleanImages, load_dataset
 from ue_lightning.data.noise_file import NoiseFile, NoiseFileError, apply_delta
 from ue_lightning.defences import DEFENCES, Defence, DefenceName, Views, build_defence
+from ue_lightning.purification import PurifiedImages
 
 
 def stratified_subset(labels: Tensor, size: int, seed: int) -> Tensor:
@@ -131,6 +132,10 @@ class UEDataModule(L.LightningDataModule):
             ``ueraser``, ``ueraser-max`` or ``none``. Never applied to test or predict data. ``mixup`` and
             ``cutmix`` turn train labels into soft targets (B, num_classes); ``ueraser-max`` makes
             train batches of 5 views of each image (B, 5, C, H, W), which the victim trains on.
+        purify_with: a :class:`~ue_lightning.modules.ScoreEstimator` checkpoint (``last.ckpt`` of
+            ``configs/score/dsm.yaml`` on this data): before training, the thief purifies the train
+            images (protected or not) with it, once (``ue_lightning.purification``: noise at the
+            model's sigma, one denoising step), before ``defence``. None: no purification.
     """
 
     def __init__(
@@ -152,6 +157,7 @@ class UEDataModule(L.LightningDataModule):
         seed: int = 0,
         predict_split: Literal["train", "test"] = "train",
         defence: DefenceName = "none",
+        purify_with: str | None = None,
     ):
         super().__init__()
         if dataset not in DATASETS:
@@ -172,7 +178,7 @@ class UEDataModule(L.LightningDataModule):
         self.protected_fraction, self.augment, self.seed = protected_fraction, augment, seed
         self.drop_protected = drop_protected
         self.resize, self.crop, self.predict_split = resize, crop, predict_split
-        self.max_classes, self.defence = max_classes, defence
+        self.max_classes, self.defence, self.purify_with = max_classes, defence, purify_with
         self._clean: dict[str, CleanImages] = {}
 
     # ------------------------------------------------------------------ facts (for links)
@@ -240,17 +246,42 @@ class UEDataModule(L.LightningDataModule):
                         f"(e.g. index {int(uncovered.nonzero()[0][0])}): it was generated over another "
                         "train_subset; use the same data.train_subset and data.seed as for generation.")
         self.noise = noise
+        victim = self.victim_indices()
+        if self.purify_with is not None and stage in (None, "fit"):  # only training reads the train set
+            train, noise = self._purified(train, victim, noise, mask), None  # the noise is in the purified images
         self.train_defence = build_defence(self.defence, dataset=self.dataset, image_size=self.image_size,
                                            num_classes=self.num_classes)
         augmentation = _augmentation(self.dataset, shape, self.crop, self.augment, self.train_defence)
-        self.train_set = Subset(ProtectedImages(train, augmentation, noise, mask), self.victim_indices().tolist())
+        self.train_set = Subset(ProtectedImages(train, augmentation, noise, mask), victim.tolist())
         test = self.clean_split("test")
         self.test_set = ProtectedImages(test, _augmentation(self.dataset, shape, self.crop, train=False))
         plain = v2.ToDtype(torch.float32, scale=True)
         if self.predict_split == "train":  # noise generation: clean, unaugmented, full stored size
-            self.predict_set = Subset(ProtectedImages(train, plain), self.train_indices().tolist())
+            self.predict_set = Subset(ProtectedImages(self.clean_split("train"), plain), self.train_indices().tolist())
         else:
             self.predict_set = ProtectedImages(test, plain)
+
+    def _purified(self, train: CleanImages, indices: Tensor, noise: NoiseFile | None,
+                  mask: Tensor | None) -> PurifiedImages:
+        """The victim's train images, protected as published, purified with the ``purify_with`` score model."""
+        from ue_lightning.modules import ScoreEstimator  # the modules import this package
+
+        channels, height, width = train.image_shape
+        if height != width or height != self.image_size:
+            raise ValueError(f"data.purify_with purifies the stored train images ({height}x{width} here) with a score "
+                             f"model of the training input size ({self.image_size}); for a folder dataset set "
+                             "data.resize equal to data.crop")
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        model = ScoreEstimator.load_for(self.purify_with, num_classes=self.num_classes, in_channels=channels,
+                                        image_size=height, map_location=device)
+
+        def published(index: int, image: Tensor, label: int) -> Tensor:
+            if noise is None or not mask[index]:
+                return image
+            return apply_delta(image, noise.delta_for([index], [label])[0])
+
+        return PurifiedImages(train, indices, model.score, model.sigma_min, seed=self.seed, noise_for=published,
+                              batch_size=self.eval_batch_size, device=device)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate_fn=None) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
@@ -284,4 +315,6 @@ class UEDataModule(L.LightningDataModule):
         if self.drop_protected:
             p = f", clean, the {self.protected_fraction:.0%} to protect left out"
         d = f", defence {self.defence}" if self.defence != "none" else ""
+        if self.purify_with is not None:
+            d = f", purified with {self.purify_with}" + d
         return f"{self.dataset} ({len(self.victim_indices())} train samples{p}{d})"

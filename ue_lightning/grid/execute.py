@@ -29,9 +29,13 @@ def _log(stage: Stage) -> Path:
 
 
 def run_logged(stage: Stage) -> float:
-    """Run a stage with its output in ``<folder>/log.txt``; return its minutes."""
+    """Run a stage with its output in ``<folder>/log.txt``; return its minutes.
+
+    Says "start" when the stage starts (in a pool's worker: not when it was queued).
+    """
     from ue_lightning.grid.stages import output_to, run_stage
 
+    _say(f"start {stage.name}")
     start = time.time()
     with output_to(_log(stage)):
         try:
@@ -74,13 +78,9 @@ def run_local(stages: list[Stage], jobs: int = 1) -> list[Stage]:
                     failed[stage.key] = stage
                     _say(f"skip  {stage.name}: an input failed")
                     continue
-                if pool:
-                    _say(f"start {stage.name}")
                 wave.append((stage, pool.submit(run_logged, stage) if pool else None))
             for stage, future in wave:
                 try:
-                    if not future:
-                        _say(f"start {stage.name}")
                     minutes = future.result() if future else run_logged(stage)
                     _say(f"done  {stage.name} in {minutes:.1f} min")
                 except Exception as error:  # one failed cell must not stop the others

@@ -1,0 +1,97 @@
+"""Score-model purification: a data thief denoises the train images once, before training on them.
+
+Each image is drowned in Gaussian noise at the score model's level ``sigma`` and brought back
+in one step by Tweedie's formula, the posterior mean of the image given its noisy copy under
+the model's (class-conditional) noised density:
+
+    x_t = x + sigma * eps,    x_hat = x_t + sigma^2 * s(x_t, y),    eps ~ N(0, I)
+
+(the score ``s = grad log p_sigma(x_t | y)`` of :class:`~ue_lightning.modules.ScoreEstimator`).
+A perturbation of a few /255 is small against ``sigma`` (0.1 = 25.5/255 in the shipped
+configs), so the denoised image carries the statistics the score model learned, not the
+perturbation's. This is the one-level form of diffusion purification (DiffPure, Nie et al.,
+ICML 2022; against unlearnable examples AVATAR, Dolatabadi et al., 2023, which runs many
+reverse steps of a full diffusion model): the package's score model has one noise level, or
+a few, and this uses its smallest. The purified image is rounded to uint8, as a thief would
+save it, and the defence steps and crop/flip act on it as on any stored image.
+
+Units: images are uint8 0-255 on the way in and out, [0, 1] floats inside; ``sigma`` is in
+pixel units of [0, 1] images. The noise of sample ``i`` depends on (seed, i) only, not on the
+batch it falls in or the DDP rank that purifies it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ue_lightning.sample_rng import indexed_normal, salt_of
+
+if TYPE_CHECKING:  # the data package imports this module
+    from ue_lightning.data.datasets import CleanImages
+
+#: salt of the purification noise (see :func:`~ue_lightning.sample_rng.indexed_normal`)
+PURIFY_SALT = salt_of("purify")
+
+#: ``score(x, y) -> grad_x log p_sigma(x | y)``: images (B, C, H, W) in [0, 1] and int64 labels (B,) to
+#: the score (B, C, H, W) in 1 / pixel units
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def tweedie_denoise(images: Tensor, labels: Tensor, indices: Tensor, score: ScoreFn, sigma: float, *,
+                    seed: int) -> Tensor:
+    """Noise each image at ``sigma`` and denoise it in one step (Tweedie); uint8 (B, C, H, W) in, uint8 out.
+
+    Args:
+        images: uint8 (B, C, H, W), 0-255.
+        labels: int64 (B,), the images' classes (the thief's labels).
+        indices: int64 (B,), each image's index in its split: its noise depends on (seed, index) only.
+        score: the score of the data smoothed at ``sigma`` (``ScoreEstimator.score``).
+        sigma: the score's noise level, pixel units of [0, 1] images.
+        seed: seed of the noise.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"expected uint8 images (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    x = images.float() / 255
+    eps = indexed_normal(indices.cpu(), tuple(x.shape[1:]), seed, PURIFY_SALT).to(x.device)
+    noisy = x + sigma * eps
+    with torch.no_grad():
+        denoised = noisy + sigma ** 2 * score(noisy, labels.to(x.device))
+    return (denoised.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class PurifiedImages(Dataset):
+    """Purified copies of some of ``base``'s images, held in memory: ``(image, label)`` as ``base`` gives them.
+
+    ``base[i]`` for ``i`` in ``indices``, noised when ``noise_for(i, image, label)`` says so (the
+    published, protected image), then purified with ``score`` by :func:`tweedie_denoise`, in
+    batches of ``batch_size`` on ``device``. Only the listed indices can be read.
+    """
+
+    def __init__(self, base: CleanImages, indices: Tensor, score: ScoreFn, sigma: float, *, seed: int,
+                 noise_for: Callable[[int, Tensor, int], Tensor] | None = None, batch_size: int = 256,
+                 device: torch.device | str = "cpu"):
+        self.base, self.targets = base, base.targets
+        self.position = torch.full((len(base),), -1, dtype=torch.int64)
+        self.position[indices] = torch.arange(len(indices))
+        chunks = []
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start:start + batch_size]
+            pairs = [base[int(i)] for i in batch]
+            images = [noise_for(int(i), image, label) if noise_for else image for i, (image, label) in zip(batch, pairs)]
+            labels = torch.tensor([label for _, label in pairs], dtype=torch.int64)
+            chunks.append(tweedie_denoise(torch.stack(images).to(device), labels, batch, score, sigma,
+                                          seed=seed).cpu())
+        self.images = torch.cat(chunks) if chunks else torch.empty(0, *base.image_shape, dtype=torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        position = int(self.position[index])
+        if position < 0:
+            raise IndexError(f"sample {index} was not purified (only the victim's train samples are)")
+        return self.images[position], int(self.targets[index])
