@@ -18,7 +18,7 @@ from ue_lightning.defences import (DEFENCES, BatchMix, BitDepth, Cutout, Jpeg, P
                                    build_defence, grayscale, plasma)
 from ue_lightning.lightning_cli import build_cli
 from ue_lightning.modules import ScoreEstimator, VictimClassifier
-from ue_lightning.purification import PurifiedImages, tweedie_denoise
+from ue_lightning.purification import PurifiedImages, label_blind, tweedie_denoise
 
 
 def smooth_image(size: int = 32) -> torch.Tensor:
@@ -243,6 +243,11 @@ def test_tweedie_denoise_returns_each_class_image_under_its_exact_score():
     assert torch.equal(torch.cat(halves), whole)
     assert not torch.equal(tweedie_denoise(grey, torch.zeros(6, dtype=torch.int64), torch.arange(6), zero, sigma,
                                            seed=2), whole)
+    # label-blind: the class-conditional score averaged over the classes, whatever label is given
+    blind = label_blind(exact, 3)
+    x = protected.float() / 255
+    assert torch.allclose(blind(x, labels), blind(x, torch.zeros(4, dtype=torch.int64)))
+    assert torch.allclose(blind(x, labels), sum(exact(x, torch.full((4,), k)) for k in range(3)) / 3)
     with pytest.raises(ValueError, match="uint8"):
         tweedie_denoise(grey.float(), torch.zeros(6, dtype=torch.int64), torch.arange(6), zero, sigma, seed=1)
 
@@ -264,12 +269,14 @@ def test_purify_with_denoises_the_published_train_images_once(fake_npz, tmp_path
     assert 0 < mask.sum() < len(mask)
     published = train.images[indices].short() + 8 * mask[:, None, None, None]
     expected = tweedie_denoise(published.clamp(0, 255).to(torch.uint8), train.targets[indices], indices,
-                               score.score, 0.1, seed=0)
+                               label_blind(score.score, 10), 0.1, seed=0)
     served = torch.stack([dm.train_set[i][0] for i in range(len(indices))])
     assert torch.allclose(served, expected.float() / 255)  # noise first, then purified, in batches of 7
     assert not torch.equal(expected, published.clamp(0, 255).to(torch.uint8))
     assert torch.allclose(next(iter(dm.test_dataloader()))[0][0], dm.clean_split("test").images[0].float() / 255)
-    assert "purified with" in dm.describe()
+    assert "purified with" in dm.describe() and "blind labels" in dm.describe()
+    with pytest.raises(ValueError, match="'blind' or 'own'"):
+        UEDataModule("npz", root=str(fake_npz), purify_with=str(checkpoint), purify_labels="mean")
     model = VictimClassifier(arch="resnet18", num_classes=10, in_channels=3, image_size=16, width=4)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)

@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 from ue_lightning.data.datasets import DATASETS, CleanImages, load_dataset
 from ue_lightning.data.noise_file import NoiseFile, NoiseFileError, apply_delta
 from ue_lightning.defences import DEFENCES, Defence, DefenceName, Views, build_defence
-from ue_lightning.purification import PurifiedImages
+from ue_lightning.purification import PurifiedImages, label_blind
 
 
 def stratified_subset(labels: Tensor, size: int, seed: int) -> Tensor:
@@ -136,6 +136,9 @@ class UEDataModule(L.LightningDataModule):
             ``configs/score/dsm.yaml`` on this data): before training, the thief purifies the train
             images (protected or not) with it, once (``ue_lightning.purification``: noise at the
             model's sigma, one denoising step), before ``defence``. None: no purification.
+        purify_labels: ``blind`` (default): the score averaged over every class, the same denoiser for
+            every image; ``own``: each image's own label, which writes the label into the image (a
+            shortcut of its own; kept to show it).
     """
 
     def __init__(
@@ -158,6 +161,7 @@ class UEDataModule(L.LightningDataModule):
         predict_split: Literal["train", "test"] = "train",
         defence: DefenceName = "none",
         purify_with: str | None = None,
+        purify_labels: Literal["blind", "own"] = "blind",
     ):
         super().__init__()
         if dataset not in DATASETS:
@@ -169,6 +173,8 @@ class UEDataModule(L.LightningDataModule):
                              "data.protected_fraction below 1 (the share left out)")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be positive")
+        if purify_labels not in ("blind", "own"):
+            raise ValueError(f"purify_labels={purify_labels!r} must be 'blind' or 'own'")
         if defence not in DEFENCES:
             raise ValueError(f"unknown defence {defence!r}; choose one of {', '.join(DEFENCES)}")
         self.save_hyperparameters()
@@ -178,7 +184,8 @@ class UEDataModule(L.LightningDataModule):
         self.protected_fraction, self.augment, self.seed = protected_fraction, augment, seed
         self.drop_protected = drop_protected
         self.resize, self.crop, self.predict_split = resize, crop, predict_split
-        self.max_classes, self.defence, self.purify_with = max_classes, defence, purify_with
+        self.max_classes, self.defence = max_classes, defence
+        self.purify_with, self.purify_labels = purify_with, purify_labels
         self._clean: dict[str, CleanImages] = {}
 
     # ------------------------------------------------------------------ facts (for links)
@@ -280,7 +287,8 @@ class UEDataModule(L.LightningDataModule):
                 return image
             return apply_delta(image, noise.delta_for([index], [label])[0])
 
-        return PurifiedImages(train, indices, model.score, model.sigma_min, seed=self.seed, noise_for=published,
+        score = model.score if self.purify_labels == "own" else label_blind(model.score, self.num_classes)
+        return PurifiedImages(train, indices, score, model.sigma_min, seed=self.seed, noise_for=published,
                               batch_size=self.eval_batch_size, device=device)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate_fn=None) -> DataLoader:
@@ -316,5 +324,5 @@ class UEDataModule(L.LightningDataModule):
             p = f", clean, the {self.protected_fraction:.0%} to protect left out"
         d = f", defence {self.defence}" if self.defence != "none" else ""
         if self.purify_with is not None:
-            d = f", purified with {self.purify_with}" + d
+            d = f", purified with {self.purify_with} ({self.purify_labels} labels)" + d
         return f"{self.dataset} ({len(self.victim_indices())} train samples{p}{d})"
