@@ -12,7 +12,7 @@ the caller asks for the image's own label: a denoiser told each image's label pu
 its class's typical look, which writes a faint class signal into the image, a shortcut of its
 own for a victim that amplifies faint patterns (at CPU scale the fast victim, whose fitted
 whitening does, reached 67% train and 25% clean test accuracy on clean images purified that
-way; label-blind, 53 / 49%; unpurified, 59 / 57%; the ResNet-18 victim was not fooled;
+way; label-blind, 54 / 53%; unpurified, 59 / 57%; the ResNet-18 victim was not fooled;
 ``benchmarks/RESULTS.md``). Averaged, the same
 operation is applied to every image whatever its label, as with DiffPure's unconditional model.
 A perturbation of a few /255 is small against ``sigma`` (0.1 = 25.5/255 in the shipped
