@@ -30,16 +30,13 @@ batch it falls in or the DDP rank that purifies it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from ue_lightning.sample_rng import indexed_normal, salt_of
-
-if TYPE_CHECKING:  # the data package imports this module
-    from ue_lightning.data.datasets import CleanImages
 
 #: salt of the purification noise (see :func:`~ue_lightning.sample_rng.indexed_normal`)
 PURIFY_SALT = salt_of("purify")
@@ -88,34 +85,35 @@ def tweedie_denoise(images: Tensor, labels: Tensor, indices: Tensor, score: Scor
 
 
 class PurifiedImages(Dataset):
-    """Purified copies of some of ``base``'s images, held in memory: ``(image, label)`` as ``base`` gives them.
+    """Purified copies of some of ``published``'s images, held in memory, read as ``(image, label)``.
 
-    ``base[i]`` for ``i`` in ``indices``, noised when ``noise_for(i, image, label)`` says so (the
-    published, protected image), then purified with ``score`` by :func:`tweedie_denoise`, in
-    batches of ``batch_size`` on ``device``. Only the listed indices can be read.
+    ``published[i]`` is ``(uint8 image (C, H, W), label, ...)`` as the thief reads it (protected
+    or not: a :class:`~ue_lightning.data.datamodule.ProtectedImages` with no transform); each
+    ``i`` in ``indices`` is purified with ``score`` by :func:`tweedie_denoise`, in batches of
+    ``batch_size`` on ``device``. Only the listed indices can be read.
     """
 
-    def __init__(self, base: CleanImages, indices: Tensor, score: ScoreFn, sigma: float, *, seed: int,
-                 noise_for: Callable[[int, Tensor, int], Tensor] | None = None, batch_size: int = 256,
-                 device: torch.device | str = "cpu"):
-        self.base, self.targets = base, base.targets
-        self.position = torch.full((len(base),), -1, dtype=torch.int64)
+    def __init__(self, published: Dataset, indices: Tensor, score: ScoreFn, sigma: float, *, seed: int,
+                 batch_size: int = 256, device: torch.device | str = "cpu"):
+        self.size = len(published)
+        self.position = torch.full((self.size,), -1, dtype=torch.int64)
         self.position[indices] = torch.arange(len(indices))
-        chunks = []
+        chunks, labels = [], []
         for start in range(0, len(indices), batch_size):
             batch = indices[start:start + batch_size]
-            pairs = [base[int(i)] for i in batch]
-            images = [noise_for(int(i), image, label) if noise_for else image for i, (image, label) in zip(batch, pairs)]
-            labels = torch.tensor([label for _, label in pairs], dtype=torch.int64)
-            chunks.append(tweedie_denoise(torch.stack(images).to(device), labels, batch, score, sigma,
-                                          seed=seed).cpu())
-        self.images = torch.cat(chunks) if chunks else torch.empty(0, *base.image_shape, dtype=torch.uint8)
+            samples = [published[int(i)] for i in batch]
+            batch_labels = torch.tensor([sample[1] for sample in samples], dtype=torch.int64)
+            images = torch.stack([sample[0] for sample in samples]).to(device)
+            chunks.append(tweedie_denoise(images, batch_labels, batch, score, sigma, seed=seed).cpu())
+            labels.append(batch_labels)
+        self.images = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
+        self.labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
 
     def __len__(self) -> int:
-        return len(self.base)
+        return self.size
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         position = int(self.position[index])
         if position < 0:
             raise IndexError(f"sample {index} was not purified (only the victim's train samples are)")
-        return self.images[position], int(self.targets[index])
+        return self.images[position], int(self.labels[position])

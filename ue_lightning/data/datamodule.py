@@ -281,14 +281,9 @@ class UEDataModule(L.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         model = ScoreEstimator.load_for(self.purify_with, num_classes=self.num_classes, in_channels=channels,
                                         image_size=height, map_location=device)
-
-        def published(index: int, image: Tensor, label: int) -> Tensor:
-            if noise is None or not mask[index]:
-                return image
-            return apply_delta(image, noise.delta_for([index], [label])[0])
-
+        published = ProtectedImages(train, v2.Identity(), noise, mask)  # uint8, as the thief reads them
         score = model.score if self.purify_labels == "own" else label_blind(model.score, self.num_classes)
-        return PurifiedImages(train, indices, score, model.sigma_min, seed=self.seed, noise_for=published,
+        return PurifiedImages(published, indices, score, model.sigma_min, seed=self.seed,
                               batch_size=self.eval_batch_size, device=device)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate_fn=None) -> DataLoader:
