@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from unittest.mock import MagicMock
 
@@ -222,6 +226,48 @@ def test_failed_stage_is_reported_and_its_dependants_skipped(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "FAILED noise em (d)" in out and "skip  em -> v on d" in out
     assert "width" in (Path(failed[0].folder) / "log.txt").read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc")
+def test_sigterm_stops_the_pools_running_stages(tmp_path, fake_npz):
+    """A runner stopped by SIGTERM ends the stage its pool is running instead of leaving it to write the cell
+    beside the next runner (Lightning's own SIGTERM handler keeps a fit alive until its next batch)."""
+    long_victim = {**TINY_VICTIM, "args": {**TINY_VICTIM["args"], "trainer.max_epochs": 100000}}
+    grid_file = _write(tmp_path / "long.yaml", {"output": str(tmp_path / "out"),
+                                                "datasets": {"fake": _npz_dataset(fake_npz)},
+                                                "sources": {"clean": None}, "victims": {"r18w4": long_victim}})
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    runner = subprocess.Popen([sys.executable, "-m", "ue_lightning.cli", "grid", "run", str(grid_file), "--jobs", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log = tmp_path / "out" / "cells"
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name == "last.ckpt" for p in log.rglob("*.ckpt")):  # the stage is fitting
+            assert runner.poll() is None and time.monotonic() < deadline, runner.stdout.read()
+            time.sleep(0.5)
+        children = [int(pid) for pid in Path(f"/proc/{runner.pid}/task/{runner.pid}/children").read_text().split()]
+        workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert workers and any(_alive(pid) for pid in workers)
+        runner.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        out, _ = runner.communicate(timeout=90)
+        seconds = time.monotonic() - start
+    finally:
+        runner.kill()
+    assert runner.returncode == 128 + signal.SIGTERM, out
+    assert "stopped: ending the running stages" in out
+    assert not any(_alive(pid) for pid in workers), out
+    assert seconds < 30, f"the stage took {seconds:.0f} s to end: it waited for the grace period, not its SIGTERM"
+    stage = load_grid(grid_file).victim(load_grid(grid_file).cells[0])
+    assert not stage.done()  # the cell is not marked done; its checkpoint is kept for the rerun
+    assert stage.checkpoint.is_file()
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "grids").glob("*.yaml")), ids=lambda p: p.name)

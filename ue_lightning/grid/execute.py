@@ -10,6 +10,8 @@ environment. Nothing here schedules anything itself.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -46,28 +48,55 @@ def run_logged(stage: Stage) -> float:
     return (time.time() - start) / 60
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _init_worker(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # Lightning's handler calls it too: a fit ends at once
 
 
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_local(stages: list[Stage], jobs: int = 1) -> list[Stage]:
+def _stop_workers(pool: ProcessPoolExecutor, grace: float) -> None:
+    """End the pool's running stages: SIGTERM its workers (each ends its stage at once, through Lightning's
+    exception handling; a fit's last checkpoint is kept for the rerun), let them exit, and SIGKILL any still
+    alive after ``grace`` seconds, so no stage outlives the runner."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # no public list before Python 3.14
+    for worker in workers:
+        worker.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)  # idle workers exit
+    deadline = time.monotonic() + grace
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
+def run_local(stages: list[Stage], jobs: int = 1, grace: float = 60.0) -> list[Stage]:
     """Run the stages not done yet, ``jobs`` at once (each with cores // jobs torch threads); return the failed ones.
 
-    A stage whose inputs failed is not run (and counts as failed).
+    A stage whose inputs failed is not run (and counts as failed). Stopped (SIGTERM, Ctrl-C), the runner
+    stops its running stages too (``_stop_workers``, ``grace`` seconds) before it exits: a stage left running
+    could write the same cell as the next runner.
     """
     failed: dict[str, Stage] = {}
     pool = None
+    restore = None
     if jobs > 1:
         threads = max(1, cores() // jobs)
         pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker,
                                    initargs=(threads,))
+        if threading.current_thread() is threading.main_thread():
+            restore = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         _say(f"{jobs} processes at once, {threads} torch thread(s) each")
+    stopped = True
     try:
         for kind in STAGE_KINDS:
             wave = []
@@ -86,9 +115,16 @@ def run_local(stages: list[Stage], jobs: int = 1) -> list[Stage]:
                 except Exception as error:  # one failed cell must not stop the others
                     failed[stage.key] = stage
                     _say(f"FAILED {stage.name}: {type(error).__name__}: {error} (log: {_log(stage)})")
+        stopped = False
     finally:
         if pool:
-            pool.shutdown(cancel_futures=True)
+            if stopped:
+                _say("stopped: ending the running stages (their checkpoints are kept; run again to resume)")
+                _stop_workers(pool, grace)
+            else:
+                pool.shutdown()
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
     return list(failed.values())
 
 
