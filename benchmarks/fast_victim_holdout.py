@@ -25,13 +25,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_NPZ  # noqa: E402
+from common import PROTOCOL_SEED, PROTOCOL_SUBSET, SHARED_NPZ, outside_protocol_subset, save_npz  # noqa: E402
 from protection_cpu import QUIET, REPO, fit_and_test  # noqa: E402
 
-from ue_lightning.data.datamodule import stratified_subset  # noqa: E402
-
 OUT = REPO / "benchmarks" / "out" / "holdout"
-SUBSET, SEED = 5000, 0
 
 
 def holdout_npz() -> Path:
@@ -44,10 +41,8 @@ def holdout_npz() -> Path:
     if not path.exists():
         with np.load(SHARED_NPZ) as f:
             x, y = f["x_train"], f["y_train"]
-        kept = stratified_subset(torch.as_tensor(y), SUBSET, SEED).numpy()
-        held = np.setdiff1d(np.arange(len(y)), kept)
-        OUT.mkdir(parents=True, exist_ok=True)
-        np.savez(path, x_train=x, y_train=y, x_test=x[held], y_test=y[held])
+        held = outside_protocol_subset(y)
+        save_npz(path, x_train=x, y_train=y, x_test=x[held], y_test=y[held])
     return path
 
 
@@ -60,7 +55,7 @@ def main() -> None:
     torch.set_num_threads(1)
     args = ["--config", str(REPO / "configs/data/cifar10-npz-cpu.yaml"),
             "--config", str(REPO / f"configs/victim/{a.victim}.yaml"), "--data.root", str(holdout_npz()),
-            "--data.train_subset", str(SUBSET), "--data.seed", str(SEED), *QUIET,
+            "--data.train_subset", str(PROTOCOL_SUBSET), "--data.seed", str(PROTOCOL_SEED), *QUIET,
             "--seed_everything", str(a.seed), "--data.eval_batch_size", "500",
             "--trainer.default_root_dir", str(OUT / "runs"), "--trainer.callbacks", "[]",
             "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",

@@ -20,16 +20,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_NPZ  # noqa: E402
-
-from ue_lightning.data.datamodule import stratified_subset  # noqa: E402
+from common import SHARED_NPZ, outside_protocol_subset, save_npz  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out" / "thief"
-SUBSET, SEED = 5000, 0
 
 
 def other_images_npz() -> Path:
@@ -38,12 +34,8 @@ def other_images_npz() -> Path:
     if not path.exists():
         with np.load(SHARED_NPZ) as f:
             x, y, x_test, y_test = f["x_train"], f["y_train"], f["x_test"], f["y_test"]
-        kept = stratified_subset(torch.as_tensor(y), SUBSET, SEED).numpy()
-        other = np.setdiff1d(np.arange(len(y)), kept)
-        OUT.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial.npz")
-        np.savez(partial, x_train=x[other], y_train=y[other], x_test=x_test, y_test=y_test)
-        partial.replace(path)
+        other = outside_protocol_subset(y)
+        save_npz(path, x_train=x[other], y_train=y[other], x_test=x_test, y_test=y_test)
     return path
 
 
