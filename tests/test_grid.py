@@ -270,6 +270,51 @@ def test_sigterm_stops_the_pools_running_stages(tmp_path, fake_npz):
     assert stage.checkpoint.is_file()
 
 
+def test_jobs_below_one_is_refused(tmp_path, capsys):
+    from ue_lightning.grid import main
+
+    grid_file = _write(tmp_path / "g.yaml", {"output": str(tmp_path / "out"),
+                                             "datasets": {"d": str(REPO / "configs/data/digits.yaml")},
+                                             "sources": {"clean": None},
+                                             "victims": {"v": str(REPO / "configs/victim/digits.yaml")}})
+    with pytest.raises(SystemExit):
+        main(["run", str(grid_file), "--jobs", "0"])
+    assert "--jobs must be at least 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at least 1"):
+        run_local(list(load_grid(grid_file).stages.values()), jobs=0)
+    assert not (tmp_path / "out" / "cells").exists()  # nothing ran
+
+
+def test_a_victim_trains_as_soon_as_its_noise_exists(tmp_path, fake_npz):
+    """With --jobs 2, the victims of clean data and of quick noise train while a slow generator still runs:
+    stages wait for their own inputs, not for every generator of the grid."""
+    slow_rem = {"generator": str(REPO / "configs/generator/rem.yaml"),
+                "args": {"model.init_args.width": 4, "model.init_args.steps": 1, "model.init_args.adv_steps": 1,
+                         "model.init_args.eot_samples": 1, "trainer.max_steps": 100000}}
+    grid_file = _write(tmp_path / "g.yaml", {
+        "output": str(tmp_path / "out"), "datasets": {"fake": _npz_dataset(fake_npz)},
+        "sources": {"clean": None, "random": str(REPO / "configs/generator/random.yaml"), "rem": slow_rem},
+        "victims": {"r18w4": TINY_VICTIM}})
+    grid = load_grid(grid_file)
+    clean, random, rem = (grid.victim(c) for c in grid.cells)
+    noise = grid.stages[rem.needs[0]]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    runner = subprocess.Popen([sys.executable, "-m", "ue_lightning.cli", "grid", "run", str(grid_file), "--jobs", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not (clean.done() and random.done()):
+            assert runner.poll() is None and time.monotonic() < deadline, "the quick victims did not finish"
+            time.sleep(0.5)
+        assert not noise.done() and not rem.done()  # the slow noise is still being made
+        runner.send_signal(signal.SIGTERM)
+        out, _ = runner.communicate(timeout=90)
+    finally:
+        runner.kill()
+    assert out.index("start noise rem") < out.index("done  clean -> r18w4") < out.index("stopped:"), out
+    assert "start rem -> r18w4" not in out
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "grids").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_grids_expand(path, monkeypatch):
     monkeypatch.chdir(REPO)

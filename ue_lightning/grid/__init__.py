@@ -79,6 +79,8 @@ def main(argv: list[str]) -> None:
     run.add_argument("--executor", choices=("local", "slurm"), default="local",
                      help="local: here; slurm: one job a stage through submitit (the grid's `slurm:` resources)")
     args = parser.parse_args(argv)
+    if args.command == "run" and args.jobs < 1:
+        parser.error(f"--jobs must be at least 1 (stages at once), got {args.jobs}")
     if args.command == "run":
         run_grid(args.grid, args.jobs, args.executor, args.only)
     elif args.command == "table":

@@ -1,7 +1,8 @@
 """Where a grid's stages run: here, one after another or several at once (a process pool), or as SLURM jobs.
 
-Locally the stages run in three waves (score models, generators, victims), so no two
-processes ever make the same noise file. On SLURM each stage is one job submitted through
+Locally a stage starts as soon as every stage whose files it reads (its ``needs``) is done, at most
+``jobs`` at once: a victim of clean data trains while the noise of the next cell is still being made,
+and each stage is started once, so no two processes ever make the same noise file. On SLURM each stage is one job submitted through
 submitit, and a job waits for the jobs whose files it reads (``--dependency=afterok``);
 a stage with several GPUs per node runs one task a GPU, and Lightning's DDP reads SLURM's
 environment. Nothing here schedules anything itself.
@@ -14,7 +15,7 @@ import signal
 import threading
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -82,11 +83,40 @@ def _stop_workers(pool: ProcessPoolExecutor, grace: float) -> None:
 def run_local(stages: list[Stage], jobs: int = 1, grace: float = 60.0) -> list[Stage]:
     """Run the stages not done yet, ``jobs`` at once (each with cores // jobs torch threads); return the failed ones.
 
-    A stage whose inputs failed is not run (and counts as failed). Stopped (SIGTERM, Ctrl-C), the runner
-    stops its running stages too (``_stop_workers``, ``grace`` seconds) before it exits: a stage left running
-    could write the same cell as the next runner.
+    A stage starts when all its inputs are done (score models, then generators, then victims where several
+    are ready); a stage whose inputs failed is not run (and counts as failed). Stopped (SIGTERM, Ctrl-C), the
+    runner stops its running stages too (``_stop_workers``, ``grace`` seconds) before it exits: a stage left
+    running could write the same cell as the next runner.
     """
+    if jobs < 1:
+        raise ValueError(f"grid: --jobs must be at least 1, got {jobs}")
+    order = {kind: i for i, kind in enumerate(STAGE_KINDS)}
+    todo = sorted((s for s in stages if not s.done()), key=lambda s: order[s.kind])
+    unfinished = {s.key for s in todo}
     failed: dict[str, Stage] = {}
+    running: dict[Future, Stage] = {}
+
+    def finish(stage: Stage, minutes: float | None, error: BaseException | None) -> None:
+        unfinished.discard(stage.key)
+        if error is None:
+            _say(f"done  {stage.name} in {minutes:.1f} min")
+        else:  # one failed cell must not stop the others
+            failed[stage.key] = stage
+            _say(f"FAILED {stage.name}: {type(error).__name__}: {error} (log: {_log(stage)})")
+
+    def next_ready() -> Stage | None:
+        """The first stage whose inputs are all done, skipping (and failing) those whose inputs failed."""
+        for stage in list(todo):
+            if any(k in failed for k in stage.needs):
+                todo.remove(stage)
+                unfinished.discard(stage.key)
+                failed[stage.key] = stage
+                _say(f"skip  {stage.name}: an input failed")
+            elif not any(k in unfinished for k in stage.needs):
+                todo.remove(stage)
+                return stage
+        return None
+
     pool = None
     restore = None
     if jobs > 1:
@@ -98,23 +128,27 @@ def run_local(stages: list[Stage], jobs: int = 1, grace: float = 60.0) -> list[S
         _say(f"{jobs} processes at once, {threads} torch thread(s) each")
     stopped = True
     try:
-        for kind in STAGE_KINDS:
-            wave = []
-            for stage in stages:
-                if stage.kind != kind or stage.done():
-                    continue
-                if any(k in failed for k in stage.needs):
-                    failed[stage.key] = stage
-                    _say(f"skip  {stage.name}: an input failed")
-                    continue
-                wave.append((stage, pool.submit(run_logged, stage) if pool else None))
-            for stage, future in wave:
+        while todo or running:
+            while len(running) < jobs and (stage := next_ready()) is not None:
+                if pool is None:  # one at a time, in this process
+                    try:
+                        finish(stage, run_logged(stage), None)
+                    except Exception as error:
+                        finish(stage, None, error)
+                else:
+                    running[pool.submit(run_logged, stage)] = stage
+            if not running:
+                if todo:  # cannot happen for a grid's stages: their inputs are stages of the same grid
+                    raise RuntimeError(f"grid: no stage can start: the inputs of the stages left form a cycle: "
+                                       f"{sorted({k for s in todo for k in s.needs if k in unfinished})}")
+                continue
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                stage = running.pop(future)
                 try:
-                    minutes = future.result() if future else run_logged(stage)
-                    _say(f"done  {stage.name} in {minutes:.1f} min")
-                except Exception as error:  # one failed cell must not stop the others
-                    failed[stage.key] = stage
-                    _say(f"FAILED {stage.name}: {type(error).__name__}: {error} (log: {_log(stage)})")
+                    finish(stage, future.result(), None)
+                except Exception as error:
+                    finish(stage, None, error)
         stopped = False
     finally:
         if pool:
