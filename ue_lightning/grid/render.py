@@ -3,7 +3,9 @@
 Rows are the noise sources (with the surrogate, when the grid varies it); columns are the
 other axes the grid varies (dataset, victim, adversarial radius, defence, protected
 fraction); seeds are averaged: mean ± standard deviation (n). A clean cell has no surrogate
-and no protected fraction, so the clean row shows its value in every such column.
+and no protected fraction, so the clean row shows its value in every such column. A grid with a
+``paper:`` block shows the paper's number beside ours in each cell ("ours / paper"), in the CSV
+(``paper_test_acc``) and as a black tick on each bar.
 """
 
 from __future__ import annotations
@@ -80,6 +82,21 @@ def aggregate(grid: Grid, results: list[dict], metric: str) -> dict[tuple[str, t
     return out
 
 
+def paper_numbers(grid: Grid) -> dict[tuple[str, tuple], str]:
+    """``{(row, column): the paper's number(s) as printed}`` for the table's places that have one."""
+    if grid.paper is None:
+        return {}
+    rows, axes, columns = layout(grid)
+    out = {}
+    for row in rows:
+        for column in columns:
+            found = [grid.paper.value(c) for c in grid.cells if row_label(c) == row and _matches(c, axes, column)]
+            numbers = list(dict.fromkeys(f"{v:.2f}" for v in found if v is not None))
+            if numbers:
+                out[row, column] = ", ".join(numbers)
+    return out
+
+
 def _cell_text(stats: tuple[float, float, int] | None) -> str:
     if stats is None:
         return "-"
@@ -89,31 +106,43 @@ def _cell_text(stats: tuple[float, float, int] | None) -> str:
 
 def markdown(grid: Grid, results: list[dict]) -> str:
     rows, axes, columns = layout(grid)
+    paper = paper_numbers(grid)
     lines = [f"# {grid.name}", "", f"{len(results)} of {len(grid.cells)} cells done. Accuracy in %, mean ± std over "
-             "seeds (n seeds); the victims are tested on clean test images.", ""]
+             "seeds (n seeds); the victims are tested on clean test images."]
+    if grid.paper is not None:
+        lines.append(f"Clean test accuracy: ours / {grid.paper.title} (the paper's number, as printed).")
+    lines.append("")
     for metric, title in METRICS.items():
         stats = aggregate(grid, results, metric)
+        beside = paper if metric == "test_acc" else {}
         lines += [f"## {title}", "", "| noise source | " + " | ".join(column_label(axes, c) for c in columns) + " |",
                   "|---|" + "---|" * len(columns)]
-        lines += [f"| {row} | " + " | ".join(_cell_text(stats.get((row, c))) for c in columns) + " |" for row in rows]
+        for row in rows:
+            texts = [_cell_text(stats.get((row, c))) + (f" / {beside[row, c]}" if (row, c) in beside else "")
+                     for c in columns]
+            lines.append(f"| {row} | " + " | ".join(texts) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
 def write_csv(grid: Grid, results: list[dict], path: Path) -> None:
-    """One line per (row, column): the axes' values, n and the mean and std of each metric, in [0, 1]."""
+    """One line per (row, column) with results (or a paper number): the axes' values, n and the mean and std of
+    each metric, in [0, 1]; with a ``paper:`` block, the paper's number too (``paper_test_acc``, in [0, 1])."""
     rows, axes, columns = layout(grid)
     stats = {metric: aggregate(grid, results, metric) for metric in METRICS}
+    paper = {place: float(text.split(",")[0]) / 100 for place, text in paper_numbers(grid).items()}
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["noise_source", *axes, "n", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std"))])
+        writer.writerow(["noise_source", *axes, "n", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
+                         *(["paper_test_acc"] if grid.paper is not None else [])])
         for row in rows:
             for column in columns:
-                if (row, column) not in stats["test_acc"]:
+                if (row, column) not in stats["test_acc"] and (row, column) not in paper:
                     continue
                 cells = [stats[m].get((row, column)) for m in METRICS]
                 numbers = [f"{x:.4f}" if c else "" for c in cells for x in (c or (0, 0))[:2]]
-                writer.writerow([row, *map(_value, column), cells[0][2], *numbers])
+                extra = [f"{paper[row, column]:.4f}" if (row, column) in paper else ""] if grid.paper is not None else []
+                writer.writerow([row, *map(_value, column), cells[0][2] if cells[0] else 0, *numbers, *extra])
 
 
 def plot(grid: Grid, results: list[dict], path: Path) -> None:
@@ -125,19 +154,27 @@ def plot(grid: Grid, results: list[dict], path: Path) -> None:
 
     rows, axes, columns = layout(grid)
     stats = aggregate(grid, results, "test_acc")
+    paper = {place: float(text.split(",")[0]) for place, text in paper_numbers(grid).items()}
     width = 0.8 / max(1, len(columns))
+    ticked = False
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(rows) * len(columns) + 2), 4.5))
     for j, column in enumerate(columns):
         xs = [i + (j - (len(columns) - 1) / 2) * width for i, row in enumerate(rows) if (row, column) in stats]
         cells = [stats[row, column] for row in rows if (row, column) in stats]
         ax.bar(xs, [100 * c[0] for c in cells], width, yerr=[100 * c[1] for c in cells], capsize=3,
                label=column_label(axes, column))
+        ticks = [(i + (j - (len(columns) - 1) / 2) * width, paper[row, column]) for i, row in enumerate(rows)
+                 if (row, column) in paper]
+        if ticks:  # the paper's numbers, one legend entry for them all
+            ax.scatter(*zip(*ticks), marker="_", s=300 * width, color="black", zorder=3,
+                       label=None if ticked else grid.paper.title)
+            ticked = True
     tilt = len(rows) > 4
     ax.set_xticks(range(len(rows)), rows, rotation=20 if tilt else 0, ha="right" if tilt else "center")
     ax.set_ylabel("clean test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{grid.name}\nvictims' clean test accuracy, mean ± std over seeds", fontsize="medium")
-    if len(columns) > 1:
+    if len(columns) > 1 or paper:
         ax.legend(fontsize="small", ncols=min(4, len(columns)))
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -5,6 +5,8 @@ protected fraction, seed). The stages behind it are the score model (data collap
 the noise generator (fit + predict, one noise file) and the victim (fit + test). Every stage
 is named by a hash of its resolved settings (the parsed YAML of its configs, the overrides
 that change them and the stages it reads) and lives in ``<output>/{score,noise,cells}/<hash>``:
+a generator that reads a clean classifier (TAP: a source's ``classifier:``, a victim of the grid) reads
+that victim stage's checkpoint, and shares the stage with the grid's clean cell of that victim;
 cells that share a generator share its noise file, grids that share an output folder share
 their common stages, a changed config makes new stages instead of reusing stale ones, and
 renaming or reordering the entries of a grid changes nothing.
@@ -38,7 +40,15 @@ NOT_FOR_CLEAN = ("surrogate", "protected_fraction")
 #: fraction leaves clean, without the protected ones (``data.drop_protected``): the baseline of partial protection.
 CLEAN_REST = "clean-rest"
 ARG_KEYS = ("victim_args", "generator_args")
-TOP_KEYS = {"name", "output", *AXIS_KEYS, *ARG_KEYS, "parts", "slurm"}
+TOP_KEYS = {"name", "output", *AXIS_KEYS, *ARG_KEYS, "parts", "slurm", "paper"}
+#: Keys of a grid's ``paper:`` block: the published numbers of the table the grid reproduces.
+PAPER_KEYS = {"title", "rows", "columns", "values"}
+#: Generator settings that read another stage's checkpoint: the source key that names that stage, and the fix.
+INPUTS = {"model.init_args.score_checkpoint": ("score", "a `score:` config (the grid fits it once and passes "
+                                                        "its checkpoint)"),
+          "model.init_args.classifier_checkpoint": ("classifier", "a `classifier:`, the name of one of the grid's "
+                                                                  "victims (trained on the clean data at rho_a 0, "
+                                                                  "seed 0; the grid passes its checkpoint)")}
 STAGE_KINDS = ("score", "generator", "victim")
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(AXES) + r")\}")
 
@@ -88,8 +98,27 @@ class Grid:
     order: dict[str, list]  # axis -> its values in the grid file's order
     slurm: dict
 
+    paper: PaperTable | None = None  # the published numbers of the table the grid reproduces
+
     def victim(self, cell: dict) -> Stage:
         return self.stages[cell["key"]]
+
+
+@dataclass
+class PaperTable:
+    """A grid's ``paper:`` block: the published accuracy (%) of its cells, each keyed by some of their axes."""
+
+    title: str
+    entries: list[tuple[dict, float]]  # ({axis: value}, accuracy in % as printed)
+
+    def value(self, cell: dict) -> float | None:
+        """The paper's number for a cell (coordinates as in ``Grid.cells``), or None."""
+        found = [number for coords, number in self.entries if _covers(coords, cell)]
+        return found[0] if found else None
+
+
+def _covers(coords: dict, cell: dict) -> bool:
+    return all(_same(cell[axis], str(value)) for axis, value in coords.items())
 
 
 def stable_hash(obj: Any) -> str:
@@ -150,12 +179,14 @@ def _normalise_entries(axis: str, raw: Any) -> dict[str, dict]:
         if not isinstance(spec, dict):
             raise ValueError(f"grid: {axis} {name!r}: expected a config path, a list of them or a mapping, "
                              f"got {spec!r}")
-        allowed = {"source": {"generator", "score", "args", "clean_rest"}, "surrogate": {"args"}}.get(axis, {"config", "args"})
+        allowed = {"source": {"generator", "score", "classifier", "args", "clean_rest"},
+                   "surrogate": {"args"}}.get(axis, {"config", "args"})
         if set(spec) - allowed:
             raise ValueError(f"grid: {axis} {name!r}: unknown keys {sorted(set(spec) - allowed)} "
                              f"(allowed: {sorted(allowed)})")
-        if axis == "source" and "score" in spec and "generator" not in spec:
-            raise ValueError(f"grid: source {name!r} has a score model but no generator")
+        for needed in ("score", "classifier"):
+            if axis == "source" and needed in spec and "generator" not in spec:
+                raise ValueError(f"grid: source {name!r} has a {needed} but no generator")
         out[str(name)] = {**spec, "args": dict(spec.get("args") or {})}
     return out
 
@@ -209,8 +240,14 @@ def _changes(overrides: dict, contents: list[dict]) -> dict:
     return {k: v for k, v in overrides.items() if _lookup(contents, k) != v}
 
 
-def _needs_score(contents: list[dict]) -> bool:
-    return _lookup(contents, "model.init_args.score_checkpoint") is not _MISSING
+def setting(stage: Stage, dotted: str, default: Any = None) -> Any:
+    """The value a stage's overrides, or else its configs (the last that sets it), give a dotted key, or ``default``
+    when none does; an override is read as YAML, as the command line reads it."""
+    args = dict(zip(stage.args[::2], stage.args[1::2]))
+    if f"--{dotted}" in args:
+        return yaml.safe_load(args[f"--{dotted}"])
+    value = _lookup([_load_yaml(path, "config") for path in stage.configs], dotted)
+    return default if value is _MISSING else value
 
 
 def read_grid_file(path: str | Path) -> dict:
@@ -265,9 +302,11 @@ class _Planner:
 
     def _composed(self, dataset: dict, configs: Any, what: str) -> tuple[list[str], list[dict]]:
         """The dataset's configs, then each of ``configs`` followed by its overlay for that data where there is one
-        (``ue_lightning.compose``), as paths and parsed contents."""
+        (``ue_lightning.compose``), as paths and parsed contents. An overlay the list also names right after
+        (``[rem.yaml, cifar10-npz-cpu/rem.yaml]``, which other data needs spelt out) is merged once."""
         data = _as_list(dataset.get("config"))
         paths = [*data[:-1], *compose(data[-1], *_as_list(configs))] if data else _as_list(configs)
+        paths = [p for i, p in enumerate(paths) if i == 0 or os.path.abspath(p) != os.path.abspath(paths[i - 1])]
         loaded = [self._config(path, what) for path in paths]
         return [path for path, _ in loaded], [content for _, content in loaded]
 
@@ -277,18 +316,39 @@ class _Planner:
         return self._add(Stage("score", key, f"score ({cell['dataset']})", str(self.output / "score" / key), paths,
                                cli_args(dataset["args"]), self.cwd, checkpoint_every=_checkpoint_settings(contents)))
 
-    def generator(self, cell: dict, source: dict, surrogate: dict, dataset: dict, generator_args: dict) -> Stage:
+    def classifier(self, cell: dict, name: str, victims: dict, dataset: dict, victim_args: dict,
+                   surrogate: dict) -> Stage:
+        """The clean classifier a generator reads (TAP): the victim ``name`` trained on the clean data at rho_a 0,
+        no defence, seed 0, with the surrogate's settings (its architecture) and the grid's top-level
+        ``victim_args``: the same stage as the grid's clean cell of that victim, when the grid has it."""
+        if name not in victims:
+            raise ValueError(f"grid: source {cell['source']!r}: classifier {name!r} is not among the victims "
+                             f"{list(victims)}")
+        label = name if not surrogate.get("args") else f"{name} ({cell['surrogate']})"
+        clean = {**cell, "source": "clean", "surrogate": None, "victim": label, "adv_radius": 0, "defence": "none",
+                 "protected_fraction": None, "seed": 0}
+        victim = victims[name]
+        return self.victim(clean, dataset, {**victim, "args": {**victim["args"], **surrogate.get("args", {})}},
+                           victim_args, None)
+
+    def generator(self, cell: dict, source: dict, surrogate: dict, dataset: dict, generator_args: dict,
+                  classifier: Stage | None = None) -> Stage:
+        """The noise stage of a cell; its score model is planned here, its classifier (if any) by the caller, which
+        gives the classifier the surrogate's settings instead of the generator."""
         paths, contents = self._composed(dataset, source["generator"],
                                          f"generator config of source {cell['source']!r}")
-        overrides = {**dataset["args"], **generator_args, **surrogate.get("args", {}), **source["args"]}
+        surrogate_args = {} if classifier else surrogate.get("args", {})
+        overrides = {**dataset["args"], **generator_args, **surrogate_args, **source["args"]}
         needs = []
-        if source.get("score"):
-            score = self.score(cell, source["score"], dataset)
-            overrides["model.init_args.score_checkpoint"] = str(score.checkpoint)
-            needs.append(score.key)
-        elif _needs_score(contents) and "model.init_args.score_checkpoint" not in overrides:
-            raise ValueError(f"grid: source {cell['source']!r}: {source['generator']} uses a score model; give the "
-                             "source a `score:` config (the grid fits it once and passes its checkpoint)")
+        inputs = {"model.init_args.score_checkpoint": self.score(cell, source["score"], dataset)
+                  if source.get("score") else None, "model.init_args.classifier_checkpoint": classifier}
+        for key, stage in inputs.items():
+            if stage is not None:
+                overrides[key] = str(stage.checkpoint)
+                needs.append(stage.key)
+            elif _lookup(contents, key) is not _MISSING and key not in overrides:
+                raise ValueError(f"grid: source {cell['source']!r}: {source['generator']} reads a "
+                                 f"{INPUTS[key][0]}; give the source {INPUTS[key][1]}")
         overrides = _changes(overrides, contents)
         key = stable_hash({"generator": contents, "args": overrides})
         label = cell["source"] + (f"-{cell['surrogate']}" if cell["surrogate"] else "")
@@ -331,6 +391,69 @@ def describe(cell: dict) -> str:
     return f"{source} -> {cell['victim']} on {cell['dataset']}, " + ", ".join(extra) + f", seed {cell['seed']}"
 
 
+def _run_order(stages: dict[str, Stage]) -> dict[str, Stage]:
+    """Score models, generators, victims, except that a stage comes after every stage it reads (a TAP generator
+    after its clean classifier), so a submission in this order always knows the jobs a stage waits for."""
+    kinds = {kind: i for i, kind in enumerate(STAGE_KINDS)}
+    ordered: dict[str, Stage] = {}
+
+    def visit(stage: Stage) -> None:
+        if stage.key not in ordered:
+            for key in stage.needs:
+                visit(stages[key])
+            ordered[stage.key] = stage
+
+    for stage in sorted(stages.values(), key=lambda s: kinds[s.kind]):
+        visit(stage)
+    return ordered
+
+
+def _paper_table(raw: Any, path: Path, order: dict[str, list], cells: list[dict]) -> PaperTable | None:
+    """Parse and check a grid's ``paper:`` block::
+
+        paper:
+          title: Fang et al., Table 1
+          rows: [dataset, adv_radius]                        # the axes each line of `values` starts with
+          columns: {source: [clean, em-samplewise, rem]}     # then one number a value of this axis
+          values:
+            - [cifar10, 0, 94.66, 13.20, 22.93]
+
+    Every value it names must be one of the grid's, every number must belong to a cell of the grid, and no cell
+    may have two numbers."""
+    if raw is None:
+        return None
+    where = f"grid: {path}: paper"
+    if not isinstance(raw, dict) or set(raw) != PAPER_KEYS:
+        raise ValueError(f"{where}: expected a mapping with the keys {sorted(PAPER_KEYS)}, got {raw!r}")
+    rows, columns, lines = raw["rows"], raw["columns"], raw["values"]
+    if not isinstance(rows, list) or not set(rows) <= set(AXES):
+        raise ValueError(f"{where}: rows must be a list of axes among {AXES}, got {rows!r}")
+    if not isinstance(columns, dict) or len(columns) != 1 or not set(columns) <= set(AXES) - set(rows) \
+            or not isinstance(next(iter(columns.values())), list):
+        raise ValueError(f"{where}: columns must be one axis (not among the rows) -> a list of its values, "
+                         f"got {columns!r}")
+    (column_axis, names), = columns.items()
+    entries: list[tuple[dict, float]] = []
+    for line in lines if isinstance(lines, list) else [lines]:
+        if not isinstance(line, list) or len(line) != len(rows) + len(names):
+            raise ValueError(f"{where}: each line of values is {len(rows)} row value(s) then {len(names)} numbers, "
+                             f"got {line!r}")
+        for name, number in zip(names, line[len(rows):]):
+            coords = {**dict(zip(rows, line[:len(rows)])), column_axis: name}
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                raise ValueError(f"{where}: {coords}: {number!r} is not a number")
+            for axis, value in coords.items():
+                if not any(_same(known, str(value)) for known in order[axis]):
+                    raise ValueError(f"{where}: {axis} {value!r} is not one of the grid's ({order[axis]})")
+            if not any(_covers(coords, cell) for cell in cells):
+                raise ValueError(f"{where}: no cell of the grid has {coords}")
+            entries.append((coords, float(number)))
+    for cell in cells:
+        if sum(_covers(coords, cell) for coords, _ in entries) > 1:
+            raise ValueError(f"{where}: {describe(cell)} has more than one number")
+    return PaperTable(str(raw["title"]), entries)
+
+
 def load_grid(path: str | Path, cwd: str | None = None) -> Grid:
     """Parse a grid file and expand it into cells and stages (nothing runs)."""
     path = Path(path)
@@ -340,6 +463,7 @@ def load_grid(path: str | Path, cwd: str | None = None) -> Grid:
     cwd = os.path.abspath(cwd or os.getcwd())
     output = Path(os.path.abspath(os.path.join(cwd, raw.get("output") or f"runs/grids/{path.stem}")))
     planner = _Planner(output, cwd)
+    victims = _normalise_entries("victim", raw["victims"]) if isinstance(raw["victims"], dict) else {}
     cells: dict[str, dict] = {}
     order: dict[str, list] = {axis: [] for axis in AXES}
     for part in _parts(raw):
@@ -361,18 +485,20 @@ def load_grid(path: str | Path, cwd: str | None = None) -> Grid:
             elif not source.get("generator"):  # clean data: one cell, whatever the surrogate and protected share
                 cell.update({axis: None for axis in NOT_FOR_CLEAN})
             dataset = _fill(axes["dataset"][cell["dataset"]], cell)
-            noise = None
+            noise = classifier = None
+            surrogate = _fill(axes["surrogate"].get(cell["surrogate"], {}), cell)
+            if source.get("classifier"):
+                classifier = planner.classifier(cell, str(source["classifier"]), {**victims, **axes["victim"]},
+                                                dataset, _fill(raw.get("victim_args") or {}, cell), surrogate)
             if source.get("generator"):
-                noise = planner.generator(cell, _fill(source, cell), _fill(axes["surrogate"][cell["surrogate"]], cell),
-                                          dataset, _fill(part.get("generator_args") or {}, cell))
+                noise = planner.generator(cell, _fill(source, cell), surrogate, dataset,
+                                          _fill(part.get("generator_args") or {}, cell), classifier)
             stage = planner.victim(cell, dataset, _fill(axes["victim"][cell["victim"]], cell),
                                    _fill(part.get("victim_args") or {}, cell), noise, bool(source.get("clean_rest")))
             cells.setdefault(stage.key, {**cell, "key": stage.key})
-    kinds = {kind: i for i, kind in enumerate(STAGE_KINDS)}
-    stages = dict(sorted(planner.stages.items(), key=lambda item: kinds[item[1].kind]))
-    return Grid(path, str(raw.get("name") or path.stem), output, list(cells.values()), stages,
-                {axis: [v for v in values if v is not None] for axis, values in order.items()},
-                dict(raw.get("slurm") or {}))
+    order = {axis: [v for v in values if v is not None] for axis, values in order.items()}
+    return Grid(path, str(raw.get("name") or path.stem), output, list(cells.values()), _run_order(planner.stages),
+                order, dict(raw.get("slurm") or {}), _paper_table(raw.get("paper"), path, order, list(cells.values())))
 
 
 def select(grid: Grid, only: list[str] | None) -> list[dict]:
