@@ -141,7 +141,7 @@ def write_csv(grid: Grid, results: list[dict], path: Path) -> None:
                     continue
                 cells = [stats[m].get((row, column)) for m in METRICS]
                 numbers = [f"{x:.4f}" if c else "" for c in cells for x in (c or (0, 0))[:2]]
-                extra = [f"{paper[row, column]:.4f}" if (row, column) in paper else ""] if grid.paper is not None else []
+                extra = [] if grid.paper is None else [f"{paper[row, column]:.4f}" if (row, column) in paper else ""]
                 writer.writerow([row, *map(_value, column), cells[0][2] if cells[0] else 0, *numbers, *extra])
 
 
