@@ -4,10 +4,11 @@
 
 Fits one of the pipeline's generators on the embedded digits (its configs composed as ``ue pipeline``
 composes them, plus the ``ue fit`` options after ``--``), writes its noise file, then trains the pipeline's
-victim (``configs/victim/digits.yaml``) on 1150 of the 1347 protected train digits (``data.train_subset
-1150``, stratified, ``data.seed 0``) and scores it on the other 197 train digits, clean. The test split is
-never read. Prints and appends one JSON line per victim (method, tag, options, the surrogate's last logged
-train-side accuracies, the victim's train and held-out accuracy) to ``benchmarks/out/digits-holdout/results.jsonl``.
+victim (``configs/victim/digits.yaml``) on 1150 of the 1347 protected train digits and scores it on the other
+197 train digits, clean: ``data.val_fraction 197/1347`` (stratified, ``data.seed 0``; the same split as
+``data.train_subset 1150`` and its complement) and ``val/acc``. The test split is never read. Prints and
+appends one JSON line per victim (method, tag, options, the surrogate's last logged train-side accuracies,
+the victim's train and held-out accuracy) to ``benchmarks/out/digits-holdout/results.jsonl``.
 Thread count: the caller's (``OMP_NUM_THREADS``; the pipeline's default is 2).
 """
 
@@ -19,11 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from torch.utils.data import Subset
-
 from ue_lightning.callbacks import PerturbationWriter
 from ue_lightning.compose import compose
-from ue_lightning.data.datamodule import ProtectedImages, _augmentation
 from ue_lightning.pipeline import GENERATORS, _as_list, _lightning_info_off, _uses_score_model, stage_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +29,7 @@ OUT = REPO / "benchmarks" / "out" / "digits-holdout"
 DATA = str(REPO / "configs/data/digits.yaml")
 VICTIM = str(REPO / "configs/victim/digits.yaml")
 SCORE = str(REPO / "configs/score/dsm.yaml")
-TRAIN_SUBSET = 1150
+TRAIN_DIGITS, HELD_OUT = 1347, 197  # the embedded digits' train split, and the share held out of it
 
 
 def score_checkpoint() -> Path:
@@ -59,25 +57,16 @@ def generate(method: str, tag: str, overrides: list[str]) -> tuple[Path, dict[st
 
 def held_out_victim(noise: Path | None, seed: int, tag: str) -> dict[str, float]:
     """The pipeline's victim on 1150 protected train digits, scored on the other 197 clean train digits."""
-    extra = ["--data.train_subset", str(TRAIN_SUBSET), "--data.seed", "0", "--seed_everything", str(seed)]
+    extra = ["--data.val_fraction", repr(HELD_OUT / TRAIN_DIGITS), "--data.seed", "0", "--seed_everything", str(seed)]
     if noise is not None:
         extra += ["--data.perturbation", str(noise)]
     cli = stage_cli(VICTIM, OUT / "victim" / f"{tag}-seed{seed}", *extra)
     dm = cli.datamodule
-    setup = dm.setup
-
-    def setup_with_held_out_test(stage: str | None = None) -> None:
-        setup(stage)
-        train = dm.clean_split("train")
-        kept = set(dm.train_indices().tolist())
-        held = [i for i in range(len(train)) if i not in kept]
-        dm.test_set = Subset(ProtectedImages(train, _augmentation(dm.dataset, train.image_shape, dm.crop, False)),
-                             held)
-
-    dm.setup = setup_with_held_out_test
     cli.trainer.fit(cli.model, datamodule=dm)
+    if len(dm.val_set) != HELD_OUT:
+        raise RuntimeError(f"{len(dm.val_set)} held-out digits, expected {HELD_OUT}")
     train_acc = float(cli.trainer.callback_metrics["train/acc"])
-    held_out = float(cli.trainer.test(cli.model, datamodule=dm, verbose=False)[0]["test/acc"])
+    held_out = float(cli.trainer.validate(cli.model, datamodule=dm, verbose=False)[0]["val/acc"])
     return {"train_acc": round(train_acc, 4), "held_out_acc": round(held_out, 4)}
 
 

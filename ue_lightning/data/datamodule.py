@@ -40,6 +40,36 @@ def stratified_subset(labels: Tensor, size: int, seed: int) -> Tensor:
     return torch.cat(chosen).sort().values
 
 
+def held_out_split(labels: Tensor, fraction: float, seed: int) -> Tensor:
+    """Bool mask (len(labels),) of a seeded, class-stratified ``fraction`` of the samples to hold out.
+
+    The rest is ``stratified_subset(labels, n - round(fraction * n), seed)``, so the held-out samples are
+    what a ``train_subset`` of that size with the same seed leaves out. Refuses a fraction that leaves a
+    class with no sample on either side.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"val_fraction={fraction} must be in [0, 1)")
+    labels = torch.as_tensor(labels)
+    n = len(labels)
+    held = torch.zeros(n, dtype=torch.bool)
+    if fraction == 0.0:
+        return held
+    size = int(round(fraction * n))
+    if not 0 < size < n:
+        raise ValueError(f"val_fraction={fraction} holds out {size} of the {n} train samples: "
+                         "choose a fraction that leaves samples on both sides (or 0 for no validation)")
+    held[:] = True
+    held[stratified_subset(labels, n - size, seed)] = False
+    for c in labels.unique().tolist():
+        members = labels == c
+        if not held[members].any() or held[members].all():
+            empty = not held[members].any()
+            side, fix = ("validation", "a larger fraction, or 0") if empty else ("train", "a smaller one")
+            raise ValueError(f"val_fraction={fraction} leaves class {c} (of {int(members.sum())} train samples) "
+                             f"with no {side} sample: choose {fix}")
+    return held
+
+
 def protected_mask(num_samples: int, candidates: Tensor, fraction: float, seed: int) -> Tensor:
     """Bool mask (num_samples,) marking exactly round(fraction * len(candidates)) of them."""
     if not 0.0 <= fraction <= 1.0:
@@ -98,7 +128,7 @@ def _augmentation(dataset: str, image_shape: tuple[int, int, int], crop: int, tr
 
 
 class UEDataModule(L.LightningDataModule):
-    """Clean or protected train data, clean test data, one DataModule for every step.
+    """Clean or protected train data, clean held-out validation and test data, one DataModule for every step.
 
     Args:
         dataset: one of ``digits`` (embedded, offline), ``cifar10``, ``cifar100``,
@@ -111,8 +141,8 @@ class UEDataModule(L.LightningDataModule):
         train_subset: keep a seeded, class-stratified subset of this many train samples.
         perturbation: a noise file (``.safetensors``) to protect the train data with;
             None trains on clean data.
-        protected_fraction: share of the train samples that get noise (seeded choice);
-            the rest stay clean.
+        protected_fraction: share of the train samples (less the ``val_fraction`` ones) that get noise
+            (seeded choice); the rest stay clean.
         drop_protected: train on the clean rest alone: the samples ``protected_fraction`` marks are left
             out instead of noised (the same seeded choice), the baseline partial protection is compared with
             (a thief who trains only on what was not protected). Needs ``protected_fraction`` < 1.
@@ -123,7 +153,13 @@ class UEDataModule(L.LightningDataModule):
         resize: the square size images are stored at (noise is added here): folder datasets
             (None: 256) and the digits (None: 8; 16 enlarges them by pixel repetition).
         crop: folder datasets: model input size (random-resized crop in training, centre crop in test).
-        seed: seed of ``train_subset`` and of the ``protected_fraction`` choice.
+        val_fraction: share (0 to below 1) of the train samples (of ``train_subset`` if set) held out
+            from training as validation data: seeded (``seed``), class-stratified, served by
+            ``val_dataloader()`` clean and unaugmented (no noise, defence or purification), so ``val/acc``
+            is the accuracy on held-out train images. The noise file still covers every train sample;
+            ``protected_fraction`` and ``drop_protected`` apply to the rest. 0 (the default): no
+            validation at all; the test split is never served for validation.
+        seed: seed of ``train_subset``, of the ``val_fraction`` split and of the ``protected_fraction`` choice.
         predict_split: split served by ``predict`` (``train`` to generate noise), clean,
             unaugmented and in order.
         defence: what a data thief does to the train images after reading them (protected
@@ -150,6 +186,7 @@ class UEDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         train_subset: int | None = None,
+        val_fraction: float = 0.0,
         perturbation: str | None = None,
         protected_fraction: float = 1.0,
         drop_protected: bool = False,
@@ -168,6 +205,8 @@ class UEDataModule(L.LightningDataModule):
             raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
         if not 0.0 <= protected_fraction <= 1.0:
             raise ValueError(f"protected_fraction={protected_fraction} must be in [0, 1]")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
         if drop_protected and protected_fraction == 1.0:
             raise ValueError("drop_protected leaves out every train sample at protected_fraction=1: set "
                              "data.protected_fraction below 1 (the share left out)")
@@ -182,7 +221,7 @@ class UEDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.train_subset, self.perturbation = num_workers, train_subset, perturbation
         self.protected_fraction, self.augment, self.seed = protected_fraction, augment, seed
-        self.drop_protected = drop_protected
+        self.drop_protected, self.val_fraction = drop_protected, val_fraction
         self.resize, self.crop, self.predict_split = resize, crop, predict_split
         self.max_classes, self.defence = max_classes, defence
         self.purify_with, self.purify_labels = purify_with, purify_labels
@@ -226,25 +265,40 @@ class UEDataModule(L.LightningDataModule):
             return torch.arange(len(labels))
         return stratified_subset(labels, self.train_subset, self.seed)
 
-    def victim_indices(self) -> Tensor:
-        """Indices of the samples a victim trains on: ``train_indices()``, less the protected share if
-        ``drop_protected``."""
+    def _fit_and_val(self) -> tuple[Tensor, Tensor]:
+        """``train_indices()`` split into the samples left for training and the held-out ``val_fraction``."""
         indices = self.train_indices()
+        held = held_out_split(self.clean_split("train").targets[indices], self.val_fraction, self.seed)
+        return indices[~held], indices[held]
+
+    def val_indices(self) -> Tensor:
+        """Indices (into the whole split) of the held-out validation samples (empty at ``val_fraction`` 0)."""
+        return self._fit_and_val()[1]
+
+    def victim_indices(self) -> Tensor:
+        """Indices of the samples a victim trains on: ``train_indices()`` less ``val_indices()``, and less the
+        protected share if ``drop_protected``."""
+        indices = self._fit_and_val()[0]
         if not self.drop_protected:
             return indices
-        mask = protected_mask(self.num_train_samples, indices, self.protected_fraction, self.seed)
-        return indices[~mask[indices]]
+        return indices[~self._protected(indices)[indices]]
+
+    def _protected(self, candidates: Tensor) -> Tensor:
+        """Bool mask over the whole split: the ``protected_fraction`` of ``candidates`` (the samples left for
+        training) that get noise (or are left out under ``drop_protected``)."""
+        return protected_mask(self.num_train_samples, candidates, self.protected_fraction, self.seed)
 
     # ------------------------------------------------------------------ datasets
     def setup(self, stage: str | None = None) -> None:
         train = self.clean_split("train")
         shape = train.image_shape
         noise, mask = None, None
+        fit, val = self._fit_and_val()
         if self.perturbation is not None:
             noise = NoiseFile.open(self.perturbation)
             noise.check_matches(train.fingerprint())
             noise.check_budget()
-            mask = protected_mask(len(train), self.train_indices(), self.protected_fraction, self.seed)
+            mask = self._protected(fit)
             if noise.covered is not None:
                 uncovered = mask.numpy() & (np.asarray(noise.covered) == 0)
                 if uncovered.any():
@@ -261,7 +315,13 @@ class UEDataModule(L.LightningDataModule):
         augmentation = _augmentation(self.dataset, shape, self.crop, self.augment, self.train_defence)
         self.train_set = Subset(ProtectedImages(train, augmentation, noise, mask), victim.tolist())
         test = self.clean_split("test")
-        self.test_set = ProtectedImages(test, _augmentation(self.dataset, shape, self.crop, train=False))
+        evaluation = _augmentation(self.dataset, shape, self.crop, train=False)
+        self.test_set = ProtectedImages(test, evaluation)
+        # held-out train images, as the test images are served: clean, unaugmented, never defended or purified
+        held_out = ProtectedImages(self.clean_split("train"), evaluation)
+        self.val_set = Subset(held_out, val.tolist()) if len(val) else None
+        if self.val_set is None and self.trainer is not None:
+            self.trainer.limit_val_batches = 0  # no validation data: Lightning skips validation without a warning
         plain = v2.ToDtype(torch.float32, scale=True)
         if self.predict_split == "train":  # noise generation: clean, unaugmented, full stored size
             self.predict_set = Subset(ProtectedImages(self.clean_split("train"), plain), self.train_indices().tolist())
@@ -304,8 +364,12 @@ class UEDataModule(L.LightningDataModule):
                              f"{type(module).__name__} does not train on; use it with VictimClassifier")
         return self._loader(self.train_set, self.batch_size, shuffle=True, collate_fn=mix)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+    def val_dataloader(self) -> DataLoader | list:
+        """The held-out train samples of ``val_fraction``, clean, unaugmented, in order; at ``val_fraction`` 0 an
+        empty list (Lightning then skips validation). Never the test split: tuning on it would tune on the test."""
+        if self.val_set is None:
+            return []
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
@@ -320,4 +384,5 @@ class UEDataModule(L.LightningDataModule):
         d = f", defence {self.defence}" if self.defence != "none" else ""
         if self.purify_with is not None:
             d = f", purified with {self.purify_with} ({self.purify_labels} labels)" + d
-        return f"{self.dataset} ({len(self.victim_indices())} train samples{p}{d})"
+        v = f", {len(self.val_indices())} held out for validation" if self.val_fraction > 0 else ""
+        return f"{self.dataset} ({len(self.victim_indices())} train samples{v}{p}{d})"
