@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -78,7 +81,7 @@ def test_classifiers_run_channels_last_with_the_same_input_gradient() -> None:
     """Weights and the batch the backbone sees are channels-last (oneDNN's faster layout; weight gradients keep
     the weights' strides, as DDP's buckets expect), and an attack's input gradient equals the one through
     the NCHW layout up to float rounding."""
-    model = build_classifier("resnet18", 10, in_channels=3, width=8).eval()
+    model = build_classifier("resnet18", 10, in_channels=3, width=16).eval()
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     seen = []
@@ -87,7 +90,7 @@ def test_classifiers_run_channels_last_with_the_same_input_gradient() -> None:
     delta = torch.zeros_like(x).requires_grad_(True)
     (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x + delta), y), delta)
     assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
-    nchw = build_classifier("resnet18", 10, in_channels=3, width=8).eval()
+    nchw = build_classifier("resnet18", 10, in_channels=3, width=16).eval()
     nchw.load_state_dict(model.state_dict())
     nchw.to(memory_format=torch.contiguous_format)
     delta_nchw = torch.zeros_like(x).requires_grad_(True)
@@ -204,3 +207,36 @@ def test_one_channel_classifiers_keep_nchw_weights() -> None:
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs[0].in_channels == 1
     assert all(conv.weight.is_contiguous() for conv in convs)
+
+
+@pytest.mark.parametrize("arch, width, channels_last", [
+    ("resnet18", 4, False), ("resnet18", 8, False), ("resnet18", 16, True), ("resnet50", 4, True),
+    ("wrn34_10", 8, False), ("vgg16", 4, True)])
+def test_narrow_strided_pointwise_convolutions_keep_nchw(arch, width, channels_last) -> None:
+    """oneDNN 3.12 corrupts the heap in the weight gradient of a strided 1x1 convolution over a channels-last
+    input with < 16 input channels (a width-4/8 ResNet-18's shortcut): such models keep NCHW weights, and
+    their batches are made NCHW even when they arrive channels-last."""
+    model = build_classifier(arch, 10, in_channels=3, width=width)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert model.channels_last is channels_last
+    assert all(conv.weight.is_contiguous() for conv in convs) is not channels_last
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    model(torch.rand(2, 3, 16, 16).contiguous(memory_format=torch.channels_last))
+    assert seen[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_narrow_model_trains_without_corrupting_the_heap() -> None:
+    """The width-4 ResNet-18 of the tests, trained at one thread: channels-last, its shortcut's weight gradient
+    aborted the process within a few steps ("double free or corruption") or hung it at two threads."""
+    script = (
+        "import torch\n"
+        "from ue_lightning.models import build_classifier\n"
+        "torch.set_num_threads(1); torch.manual_seed(0)\n"
+        "model = build_classifier('resnet18', 10, in_channels=3, width=4)\n"
+        "for _ in range(30):\n"
+        "    x = torch.rand(32, 3, 16, 16).contiguous(memory_format=torch.channels_last)\n"
+        "    model(x).logsumexp(1).sum().backward()\n"
+        "print('trained')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "trained" in proc.stdout, proc.stderr[-2000:]

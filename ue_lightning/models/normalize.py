@@ -87,10 +87,12 @@ class ImageClassifier(nn.Module):
             ``(B, feature_dim)``.
         head: ``nn.Linear(feature_dim, num_classes)``.
         feature_dim, num_classes, in_channels: ints.
+        channels_last: whether the batch is made channels-last before the backbone (as the weights are:
+            :func:`~ue_lightning.models.registry.build_classifier` decides both) or NCHW.
 
     ``forward(x)``: ``(B, C, H, W)`` in [0, 1] -> logits ``(B, num_classes)``.
-    The batch is made channels-last first, as the weights are (faster convolutions; same values up to float
-    rounding).
+    The batch is put in the weights' layout first (channels-last: faster convolutions; same values up to
+    float rounding).
     ``forward_features(x)``: same input -> penultimate features ``(B, feature_dim)``.
     """
 
@@ -102,13 +104,16 @@ class ImageClassifier(nn.Module):
         self.feature_dim = head.in_features
         self.num_classes = head.out_features
         self.in_channels = normalize.in_channels
+        self.channels_last = True
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 4:
             # Channels-last, as the weights (build_classifier): 1.3-1.5x faster RGB training on CPU with oneDNN
             # (benchmarks/RESULTS.md), the layout tensor cores want on GPUs. Every later layer keeps it.
             # (A one-channel batch already is channels-last: no copy, and its NCHW weights decide the layout.)
-            x = x.contiguous(memory_format=torch.channels_last)
+            # A model kept NCHW gets an NCHW batch: a channels-last input alone would make every layer
+            # channels-last again.
+            x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         return self.backbone(self.normalize(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
 from .airbench import airbench_classifier
 from .cifar import cifar_densenet121, cifar_resnet18, cifar_resnet50, cifar_vgg16, cifar_wrn34_10
@@ -51,7 +52,8 @@ def build_classifier(
             CIFAR-10 statistics for 3 channels, 0.5/0.5 otherwise.
 
     Returns: :class:`ImageClassifier`, ``(B, C, H, W)`` in [0, 1] -> logits ``(B, num_classes)``; for
-        ``in_channels > 1`` its convolution weights are channels-last (so is the batch inside ``forward``).
+        ``in_channels > 1`` its convolution weights are channels-last (so is the batch inside ``forward``), unless
+        :func:`channels_last_is_safe` says oneDNN would corrupt the heap in that layout.
 
     Raises: ValueError for an unknown ``arch`` (message lists the valid names)
     or a ``width`` given with the ImageNet form.
@@ -76,8 +78,27 @@ def build_classifier(
     else:
         model = _CIFAR[name](num_classes, in_channels, mean=mean, std=std, **kwargs)
     # Weights channels-last, as ImageClassifier makes its input: weight gradients then have the weights'
-    # strides (DDP's gradient buckets expect them), and convolutions run in the faster layout. Not for
-    # one-channel images: with a (w, 1, k, k) first-layer weight in that layout, oneDNN's weight gradient
-    # corrupted the heap at 2 threads (torch 2.14.1, EM class-wise on the digits); such a batch is
-    # channels-last already, so these models keep the NCHW layout they always had.
-    return model.to(memory_format=torch.channels_last) if in_channels > 1 else model
+    # strides (DDP's gradient buckets expect them), and convolutions run in the faster layout. Not where
+    # oneDNN's weight gradient corrupts the heap in that layout (channels_last_is_safe): those models keep
+    # NCHW weights and get NCHW batches.
+    model.channels_last = channels_last_is_safe(model)
+    return model.to(memory_format=torch.channels_last) if model.channels_last else model
+
+
+# oneDNN 3.12 (torch 2.14) writes past its scratchpad in the weight gradient of a strided 1x1 convolution
+# over a channels-last input with fewer input channels than its channel block (8 on AVX2, 16 on AVX-512):
+# the heap is corrupted, then the process aborts, or hangs with 2 threads (uxlfoundation/oneDNN issue 6035;
+# here: a width-4 ResNet-18's first shortcut, 4 -> 8 channels, stride 2). 16 covers both blocks.
+POINTWISE_STRIDED_MIN_CHANNELS = 16
+
+
+def channels_last_is_safe(model: nn.Module) -> bool:
+    """Whether ``model`` may train channels-last on oneDNN: False for one input channel (a channels-last
+    ``(w, 1, k, k)`` first-layer weight corrupted the heap at 2 threads: EM class-wise on the digits,
+    torch 2.14.1) and for any strided 1x1 convolution with fewer than
+    :data:`POINTWISE_STRIDED_MIN_CHANNELS` input channels (the narrow CPU-scale models' shortcuts)."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if any(conv.in_channels == 1 for conv in convs):
+        return False
+    return not any(conv.kernel_size == (1, 1) and conv.stride != (1, 1)
+                   and conv.in_channels < POINTWISE_STRIDED_MIN_CHANNELS for conv in convs)
