@@ -57,7 +57,7 @@ def _victims() -> list[list[str]]:
                                                  else "cifar10.yaml")), str(victim)])
     # the README's stand-in for the ImageNet-subset path
     out.append([str(CONFIGS / "data/tiny-imagenet-10.yaml"), str(CONFIGS / "victim/resnet18-cpu.yaml")])
-    out.append([str(CONFIGS / "data/tiny-imagenet-10-cpu.yaml"), str(CONFIGS / "victim/airbench-cpu.yaml")])  # cpu-table2
+    out.append([str(CONFIGS / "data/tiny-imagenet-10-cpu.yaml"), str(CONFIGS / "victim/airbench-cpu.yaml")])  # cpu-table1 (ImageNet-subset row)
     return out
 
 

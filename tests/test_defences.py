@@ -172,7 +172,9 @@ def test_ueraser_max_serves_five_views_and_trains_on_each_images_worst(fake_npz)
 
 
 def test_defence_reaches_train_images_only(fake_npz):
-    dm = UEDataModule("npz", root=str(fake_npz), batch_size=12, defence="grayscale")
+    """The defence transforms the train batches; the held-out share (val), the test and the predict images
+    are served as they are."""
+    dm = UEDataModule("npz", root=str(fake_npz), batch_size=12, defence="grayscale", val_fraction=0.25)
     dm.setup("fit")
     x, _, _ = next(iter(dm.train_dataloader()))
     assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
