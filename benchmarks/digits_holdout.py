@@ -6,7 +6,8 @@ Fits one of the pipeline's generators on the embedded digits (its configs compos
 composes them, plus the ``ue fit`` options after ``--``), writes its noise file, then trains the pipeline's
 victim (``configs/victim/digits.yaml``) on 1150 of the 1347 protected train digits and scores it on the other
 197 train digits, clean: ``data.val_fraction 197/1347`` (stratified, ``data.seed 0``; the same split as
-``data.train_subset 1150`` and its complement) and ``val/acc``. The test split is never read. Prints and
+``data.train_subset 1150`` and its complement) and ``val/acc``. The test split is never read. Each method and tag
+is its own folder (a tag used twice is refused: two runs would share a noise file). Prints and
 appends one JSON line per victim (method, tag, options, the surrogate's last logged train-side accuracies,
 the victim's train and held-out accuracy) to ``benchmarks/out/digits-holdout/results.jsonl``.
 Thread count: the caller's (``OMP_NUM_THREADS``; the pipeline's default is 2).
@@ -46,8 +47,13 @@ def generate(method: str, tag: str, overrides: list[str]) -> tuple[Path, dict[st
     """Fit the generator and write its noise file; returns the file and the surrogate's last train metrics."""
     configs = compose(DATA, *(str(REPO / c) for c in _as_list(GENERATORS[method])))
     extra = ["--model.init_args.score_checkpoint", str(score_checkpoint())] if _uses_score_model(configs) else []
-    output = OUT / "noise" / f"{tag}.safetensors"
-    cli = stage_cli(configs, OUT / "generator" / tag, *extra, *overrides)
+    folder = OUT / "generator" / method / tag
+    try:  # atomic: two runs given the same method and tag would write (and read) the same noise file
+        folder.mkdir(parents=True)
+    except FileExistsError:
+        raise SystemExit(f"digits_holdout: {folder} exists: choose another --tag, or delete it to rerun") from None
+    output = OUT / "noise" / method / f"{tag}.safetensors"
+    cli = stage_cli(configs, folder, *extra, *overrides)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     metrics = {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("train/")}
     cli.trainer.callbacks.append(PerturbationWriter(str(output)))
@@ -85,7 +91,7 @@ def main() -> None:
         OUT.mkdir(parents=True, exist_ok=True)
         for seed in (int(s) for s in a.seeds.split(",")):
             row = {"method": a.method, "tag": tag, "overrides": a.overrides, "surrogate": surrogate,
-                   "generator_minutes": minutes, "seed": seed, **held_out_victim(noise, seed, tag)}
+                   "generator_minutes": minutes, "seed": seed, **held_out_victim(noise, seed, f"{a.method}/{tag}")}
             print(json.dumps(row), flush=True)
             with open(OUT / "results.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
