@@ -36,9 +36,9 @@ def test_ddp_predict_writes_the_same_noise_as_one_process(tmp_path: Path) -> Non
     one, two = NoiseFile.open(single), NoiseFile.open(tmp_path / NOISE)
     expected = UEDataModule("digits", train_subset=63).train_indices().numpy()
     for noise in (one, two):
-        assert noise.metadata.method == "rem" and noise.metadata.epsilon == 32
+        assert noise.metadata.method == "rem" and noise.metadata.epsilon == 64
         assert np.array_equal(np.asarray(noise.covered).nonzero()[0], expected)  # every index, exactly these
-        assert np.abs(np.asarray(noise.delta)[expected]).max() <= 32
+        assert np.abs(np.asarray(noise.delta)[expected]).max() <= 64
     delta_one, delta_two = np.asarray(one.delta), np.asarray(two.delta)
     differ = np.argwhere(delta_one != delta_two)
     assert len(differ) == 0, f"{len(differ)} of {delta_one[expected].size} values differ, e.g. at {differ[:5].tolist()}"

@@ -1,18 +1,18 @@
 """Protection that could fail: the README's pipeline (`ue pipeline`, every default generator) on the embedded digits.
 
 Score estimator, EM class-wise, TUE, EM sample-wise, REM and data collapse noise -> noise files -> victims
-on clean and on protected digits (16x16, see the README's digits notes), through
+on clean and on protected digits (16x16, radius 64/255: see the README's digits notes), through
 `ue_lightning.pipeline.run_pipeline` with its defaults, two stages at once.
 
-Bound: every victim trained on protected digits must score at least 40 points of clean test accuracy
-below the victim trained on clean digits (the verdict "protected"), and must learn its train set
-(train accuracy above 90%: the noise, not the digits, is what it learned). The table does not depend
-on the thread count (each stage computes on one thread; tests/test_pipeline.py), so one run stands for
-`ue pipeline` at 1 and at 2 threads. Measured on the CI machine (2 CPU cores, torch 2.14.1): clean
-99.1%, the protected victims 8.4 to 49.8% (benchmarks/RESULTS.md, "Digits pipeline"): the smallest gap,
-EM class-wise's 49.3 points, is 9 points above the bound. It fails if the noise is not applied, is too
-weak, or is not learned as a shortcut. On other hardware the float results differ, and the sample-wise
-noises' verdicts are single draws (their spread over victim seeds: the README's digits notes).
+Bounds, chosen to hold on any machine of this kind (issue 30): every protected victim must learn its train
+set (train accuracy above 90%: what it learned is on the protected data), and score at least ``DROP[name]``
+of clean test accuracy below the clean victim. The float results of every stage depend on the processor
+(oneDNN, ATen and MKL pick their kernels by CPU), so one machine's table is one draw of noise and victim;
+the bounds come from 3 noise seeds x 3 victim seeds on held-out train digits (benchmarks/RESULTS.md, "The
+digits over noise seeds"; clean 97.5-100%), each about 15 points inside the worst draw: class-wise noises
+worst 21% (bound: 40 points, the pipeline's "protected"), EM sample-wise and collapse worst 52 and 42%
+(bound 30), REM worst 74% (bound 10, "partly protected": REM's verdict on the digits is a draw).
+It fails if the noise is not applied, is too weak, or is not learned as a shortcut.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import json
 from conftest import REPO
 from ue_lightning.data import NoiseFile, UEDataModule
 from ue_lightning.pipeline import GENERATORS, run_pipeline
+
+DROP = {"em-classwise": 0.40, "tue": 0.40, "em-samplewise": 0.30, "collapse": 0.30, "rem": 0.10}
 
 
 def test_pipeline_protects_digits(tmp_path, monkeypatch):
@@ -34,7 +36,7 @@ def test_pipeline_protects_digits(tmp_path, monkeypatch):
     for name in GENERATORS:
         protected = results[name]["rho_a=0"]
         assert protected["train_acc"] > 0.9, (name, results)  # ... and the protected ones (the noise)
-        assert protected["test_acc"] <= clean["test_acc"] - 0.40, (name, results)
+        assert protected["test_acc"] <= clean["test_acc"] - DROP[name], (name, results)
     assert json.loads((tmp_path / "work" / "results.json").read_text()) == results
     assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "work"]  # nothing written outside the workdir
 
@@ -43,4 +45,4 @@ def test_pipeline_protects_digits(tmp_path, monkeypatch):
         noise = NoiseFile.open(tmp_path / "work" / "noise" / f"{name}.safetensors")
         noise.check_matches(fingerprint)
         assert noise.metadata.method == name and noise.classwise == (name == "em-classwise"), name
-        assert 16 < noise.max_abs() <= 32, name  # within two grey levels, and not a trace
+        assert 32 < noise.max_abs() <= 64, name  # within four grey levels, and more than two
