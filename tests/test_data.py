@@ -285,3 +285,20 @@ def test_cifar_export_reads_back_through_the_package_and_no_download_replaces_it
     (out / "cifar-10-batches-py" / "ue_lightning_export.json").unlink()  # not an export any more, not CIFAR
     with pytest.raises(ValueError, match="nothing is downloaded over them"):
         UEDataModule("cifar10", root=str(out), download=True).clean_split("train")
+
+
+def test_a_module_seed_unlike_the_data_seed_is_accepted(tmp_path):
+    """Lightning merges the module's and the datamodule's hyperparameters for the logger and refused the key
+    `seed` when a generator's seed differed from the data's; the datamodule logs its own as `data_seed`."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from ue_lightning.modules import ErrorMinimizingNoise
+
+    dm = UEDataModule("digits", batch_size=8, train_subset=24, augment=False, seed=0)
+    module = ErrorMinimizingNoise(arch="resnet18", width=4, in_channels=1, image_size=8, num_classes=10,
+                                  mode="classwise", train_steps=1, max_rounds=1, steps=1, seed=1)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, logger=CSVLogger(tmp_path), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, inference_mode=False)
+    trainer.fit(module, datamodule=dm)
+    assert dm.hparams["data_seed"] == 0 and "seed" not in dm.hparams and module.hparams["seed"] == 1

@@ -216,7 +216,10 @@ class UEDataModule(L.LightningDataModule):
             raise ValueError(f"purify_labels={purify_labels!r} must be 'blind' or 'own'")
         if defence not in DEFENCES:
             raise ValueError(f"unknown defence {defence!r}; choose one of {', '.join(DEFENCES)}")
-        self.save_hyperparameters()
+        # Logged as data_seed: Lightning merges the module's and the datamodule's hyperparameters for the logger
+        # and refuses a key both have with different values (a generator's own `seed`).
+        self.save_hyperparameters(ignore=["seed"])
+        self.hparams["data_seed"] = seed
         self.dataset, self.root, self.download = dataset, root, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.train_subset, self.perturbation = num_workers, train_subset, perturbation
