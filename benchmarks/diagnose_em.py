@@ -1,7 +1,7 @@
 """Diagnostic: a minimal sample-wise EM loop and a victim, outside Lightning, on the CPU subset.
 
-Used to find why the package's EM noise was not learned by a fresh network (see the
-README's EM notes). Each variant differs from the package's loop in one setting:
+Used to find why the package's EM noise was not learned by a fresh network (see
+docs/methods.md, "Error-minimising noise"). Each variant differs from the package's loop in one setting:
 
     python benchmarks/diagnose_em.py --pass-mode eval --stop train --out /tmp/em-eval.pt
 

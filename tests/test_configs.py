@@ -55,7 +55,7 @@ def _victims() -> list[list[str]]:
         else:
             out.append([str(CONFIGS / "data" / ("cifar10-npz-cpu.yaml" if victim.stem.endswith("-cpu")
                                                  else "cifar10.yaml")), str(victim)])
-    # the README's stand-in for the ImageNet-subset path
+    # the stand-in for the ImageNet-subset path (benchmarks/RESULTS.md, "ue protect on real photos")
     out.append([str(CONFIGS / "data/tiny-imagenet-10.yaml"), str(CONFIGS / "victim/resnet18-cpu.yaml")])
     out.append([str(CONFIGS / "data/tiny-imagenet-10-cpu.yaml"), str(CONFIGS / "victim/airbench-cpu.yaml")])  # cpu-table1 (ImageNet-subset row)
     return out

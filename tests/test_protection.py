@@ -1,7 +1,7 @@
 """Protection that could fail: the README's pipeline (`ue pipeline`, every default generator) on the embedded digits.
 
 Score estimator, EM class-wise, TUE, EM sample-wise, REM and data collapse noise -> noise files -> victims
-on clean and on protected digits (16x16, radius 64/255: see the README's digits notes), through
+on clean and on protected digits (16x16, radius 64/255: see docs/digits.md), through
 `ue_lightning.pipeline.run_pipeline` with its defaults, two stages at once.
 
 Bounds, chosen to hold on any machine of this kind (issue 30): every protected victim must learn its train

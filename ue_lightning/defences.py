@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 
 DefenceName = Literal["none", "jpeg10", "jpeg50", "grayscale", "bitdepth", "cutout", "mixup", "cutmix", "iss",
                       "ueraser", "ueraser-max"]
-#: Every ``data.defence`` value, in the order of the README's table.
+#: Every ``data.defence`` value, in the order of the table in docs/defences.md.
 DEFENCES: tuple[str, ...] = get_args(DefenceName)
 #: Bit depth of ``bitdepth``, ours: Xu et al. 2018 test 1-8 bits on CIFAR-10 and detect with 5; 4 squeezes harder.
 BIT_DEPTH = 4

@@ -6,7 +6,7 @@
     ue grid table grids/cpu-table1.yaml                # <output>/cpu-table1.{md,csv,png} from the finished cells
     ue grid status grids/cpu-table1.yaml               # every cell, done or not, and its folder
 
-The format of a grid file is in the README ("Grids: the papers' tables") and in
+The format of a grid file is in docs/grids.md and in
 ``ue_lightning/grid/spec.py``; the grids of the papers' tables are in ``grids/``.
 """
 

@@ -37,7 +37,7 @@ Departures from the reference code (HanxunH/Unlearnable-Examples), on purpose:
 * the surrogate trains on crops/flips of the perturbed batch (``surrogate_augment``, as the
   victim will): without it, at 5000 CIFAR images, the noise was a perfect shortcut for a
   victim trained without augmentation (10.9% test accuracy) and none under crop + flip
-  (54.6% against 58% clean); with it, 18.7% (README, "Error-minimising noise");
+  (54.6% against 58% clean); with it, 18.7% (docs/methods.md, "Error-minimising noise");
 * perturbed images are clamped to [0, 1] everywhere (the reference trains the surrogate
   and checks accuracy on the unclamped ``x + delta``; the maintainer called it a bug);
 * the surrogate's batches come from the DataModule's shuffled train loader (the

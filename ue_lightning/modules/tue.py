@@ -64,7 +64,7 @@ class TransferableNoise(StoredNoiseGenerator):
         csd_views: 0 (the paper): the CSD scores the noise as it is. n > 0: the CSD is averaged over
             n random crop (``csd_view_padding``) and flip (when ``flip_p > 0``) views of the noise,
             drawn anew at every PGD step, so only class patterns that survive a victim's crop + flip
-            keep their classes apart (ours; the README's TUE notes say why and when).
+            keep their classes apart (ours; docs/methods.md and docs/cpu-scale.md say why and when).
         csd_view_padding: crop padding of those views in pixels (None: ``image_size // 8``, CIFAR's 4).
         random_start: start the noise uniformly in [-epsilon, epsilon] (the demo), else at 0.
         noise_batch_size: batch of the noise pass (None: the DataModule's batch size, 512 in the paper).
