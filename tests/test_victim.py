@@ -143,6 +143,42 @@ def test_a_checkpoint_of_another_module_is_refused(monkeypatch, victim_checkpoin
                     "--data.resize", "8", "--ckpt_path", str(victim_checkpoint))
 
 
+class _RunsCode:
+    """Unpickling this makes the folder ``path``: the probe that code ran while a checkpoint was loaded."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.makedirs, (str(self.path),)
+
+
+def test_a_local_ckpt_path_starting_with_http_loads_the_local_file_and_never_torch_hub(
+        monkeypatch, tmp_path, victim_checkpoint):
+    import shutil
+
+    import ue_lightning.cli as cli
+
+    # Lightning sends every path starting with "http" to torch.hub, which loads a same-named cached file with pickle
+    ran = tmp_path / "code-ran"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    (tmp_path / "torch/hub/checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": _RunsCode(ran)}, tmp_path / "torch/hub/checkpoints/victim.ckpt")
+    (tmp_path / "http_models").mkdir()
+    shutil.copy(victim_checkpoint, tmp_path / "http_models/victim.ckpt")
+    monkeypatch.chdir(tmp_path)
+    run = cli.build_cli(["test", *TINY, "--ckpt_path", "http_models/victim.ckpt", "--trainer.logger", "false",
+                         "--trainer.default_root_dir", str(tmp_path), "--trainer.limit_test_batches", "1"])
+    assert not ran.exists()
+    saved = torch.load(victim_checkpoint, weights_only=True)["state_dict"]
+    for name, value in run.model.state_dict().items():  # the user's own weights were the ones tested
+        torch.testing.assert_close(value, saved[name])
+    with pytest.raises(FileNotFoundError, match="http_models/missing.ckpt"):
+        cli.build_cli(["test", *TINY, "--ckpt_path", "http_models/missing.ckpt", "--trainer.logger", "false",
+                       "--trainer.default_root_dir", str(tmp_path)])
+    assert not ran.exists()
+
+
 def test_settings_the_checkpoint_overrides_are_named_with_both_values(monkeypatch, victim_checkpoint):
     with pytest.warns(UserWarning, match=r"adv_radius: 4.0 \(config\) -> 0.0 \(checkpoint\)"):
         cli = _parse_only(monkeypatch, "test", *TINY, "--model.init_args.adv_radius", "4",

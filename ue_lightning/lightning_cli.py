@@ -18,6 +18,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from ue_lightning.compose import fill_placeholders, missing_overlays, run_names, unnamed_error
 from ue_lightning.console import quiet_third_party
 from ue_lightning.data import UEDataModule
+from ue_lightning.models.checkpoint import refuse_url
+from ue_lightning.noise_store import stream_checkpoints
 
 
 #: Model arguments the CLI links from the DataModule (never set in configs).
@@ -82,11 +84,14 @@ class UECLI(LightningCLI):
             self.datamodule.val_dataloader = MethodType(L.LightningDataModule.val_dataloader, self.datamodule)
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer; its default logger (``logger`` unset or true) writes TensorBoard and CSV, side by side."""
+        """The trainer; its default logger (``logger`` unset or true) writes TensorBoard and CSV, side by side, and
+        its checkpoints are read by the package's own loader (:class:`~ue_lightning.noise_store.StreamingCheckpointIO`)."""
         config = self._get(self.config_init, "trainer", default={})
         if "logger" not in kwargs and config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        stream_checkpoints(trainer)  # --ckpt_path is read by the package's loader: local files, weights_only
+        return trainer
 
 
 def fill_run_names(config) -> None:
@@ -117,16 +122,9 @@ def default_loggers(root: str) -> list:
 
 
 def refuse_remote_checkpoint(ckpt_path: str | None) -> None:
-    """Refuse a ``--ckpt_path`` URL before anything is downloaded.
-
-    A checkpoint is a pickle: Lightning loads remote ones with ``weights_only=False``,
-    which runs whatever code the file holds, and caches them by file name alone. A local
-    file is loaded by the same code, so the user decides what to trust by downloading it.
-    """
-    if isinstance(ckpt_path, str) and "://" in ckpt_path:
-        raise ValueError(f"--ckpt_path {ckpt_path} is a URL: a checkpoint is a pickle that can run code when "
-                         "loaded, so ue loads local files only; download it from a source you trust and pass "
-                         "the local path")
+    """Refuse a ``--ckpt_path`` URL before anything is downloaded (a local one is read by
+    :func:`~ue_lightning.models.checkpoint.load_checkpoint_file`, whatever its name starts with)."""
+    refuse_url(ckpt_path, "--ckpt_path")
 
 
 def _import_modules() -> None:

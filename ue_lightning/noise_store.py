@@ -38,6 +38,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor
 
+from ue_lightning.models.checkpoint import load_checkpoint_file
 from ue_lightning.scratch import scratch_dir, scratch_file
 
 StoreKind = Literal["auto", "memory", "file"]
@@ -163,8 +164,10 @@ class StreamingCheckpointIO(TorchCheckpointIO):
       file (page cache, shared by a node's ranks), copied where it is used (the noise into its
       store, block by block); Lightning's loads a full copy on every rank.
 
-    Replacing a checkpoint by rename keeps a mapping of the old one valid. Remote paths and
-    checkpoints in torch's legacy format fall back to ``TorchCheckpointIO``.
+    Replacing a checkpoint by rename keeps a mapping of the old one valid. Checkpoints are read
+    from local files only, by :func:`~ue_lightning.models.checkpoint.load_checkpoint_file`
+    (``weights_only``; never Lightning's loader, which sends paths starting with ``http`` to
+    torch.hub); a remote path is saved by ``TorchCheckpointIO``.
     """
 
     @staticmethod
@@ -186,14 +189,9 @@ class StreamingCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        if not self._local(path) or not os.path.isfile(path):
-            return super().load_checkpoint(path, map_location, weights_only)
-        try:
-            return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return super().load_checkpoint(path, map_location, weights_only)
+        """The checkpoint at the local ``path``, memory-mapped, with ``weights_only=True`` whatever is asked."""
+        return load_checkpoint_file(path, name="checkpoint", map_location=map_location, mmap=True,
+                                    fix="pass a checkpoint that ue fit wrote (a local file)")
 
 
 def stream_checkpoints(trainer: Any) -> None:

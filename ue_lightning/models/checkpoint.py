@@ -33,6 +33,45 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No checkpoint at the given path (both a :class:`CheckpointError` and a ``FileNotFoundError``)."""
 
 
+def refuse_url(path: Any, name: str) -> None:
+    """Refuse (:class:`CheckpointError`) a checkpoint given as a URL, before anything is fetched.
+
+    A checkpoint is a pickle: Lightning loads remote ones with ``weights_only=False``, which runs
+    whatever code the file holds, and torch.hub caches them by file name alone.
+    """
+    if isinstance(path, str) and "://" in path:
+        raise CheckpointError(f"{name} {path} is a URL: a checkpoint is a pickle that can run code when loaded, so "
+                              "ue loads local files only; download it from a source you trust and pass the local path")
+
+
+def load_checkpoint_file(path: str | Path, *, name: str, fix: str, map_location: Any = "cpu",
+                         mmap: bool = False) -> Any:
+    """What the local checkpoint file at ``path`` holds, read by ``torch.load(weights_only=True)`` alone.
+
+    The one way the package reads a checkpoint: never through a library's path heuristics (Lightning
+    sends every path that starts with ``http``, ``http_models/victim.ckpt`` included, to torch.hub,
+    which unpickles a same-named cached file). ``mmap``: tensors map the file instead of being read
+    (a file in torch's legacy format, which cannot be mapped, is read).
+
+    Raises: :class:`CheckpointNotFoundError` (no file), :class:`CheckpointError` (a URL, or unreadable).
+    """
+    refuse_url(path, name)
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"{name} {path} does not exist: {fix}")
+    try:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except _UNREADABLE as e:
+        raise CheckpointError(f"{name} {path} is not a readable checkpoint: it is corrupt, truncated, or holds "
+                              f"objects other than tensors and plain values (not unpickled, for safety) "
+                              f"({type(e).__name__}: {str(e)[:200]}); {fix}") from None
+
+
 def read_lightning_checkpoint(path: str | Path, *, name: str, expected: str, fix: str, prefix: str,
                               required: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(hyperparameters, state_dict)`` of the Lightning checkpoint at ``path``, read with ``weights_only=True``.
@@ -48,15 +87,7 @@ def read_lightning_checkpoint(path: str | Path, *, name: str, expected: str, fix
     Raises: :class:`CheckpointNotFoundError` (no file), :class:`CheckpointError` (unreadable, or
     not a checkpoint of ``expected``).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"{name} {path} does not exist: {fix}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except _UNREADABLE as e:
-        raise CheckpointError(f"{name} {path} is not a readable checkpoint: it is corrupt, truncated, or holds "
-                              f"objects other than tensors and plain values (not unpickled, for safety) "
-                              f"({type(e).__name__}: {str(e)[:200]}); {fix}") from None
+    ckpt = load_checkpoint_file(path, name=name, fix=fix)
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     hp = hp if isinstance(hp, dict) else {}
