@@ -153,6 +153,23 @@ def test_grid_errors_name_the_fix(tmp_path):
         load_grid(_write(tmp_path / "c.yaml", {**base, "sources": {"x": "configs/generator/nope.yaml"}}))
 
 
+@pytest.mark.parametrize("name", ["../outside", "/ABS/outside", "sub/outside", "..", "a\\..\\outside"])
+def test_a_grid_name_that_is_not_a_plain_file_name_is_refused_and_nothing_is_written(name, tmp_path, capsys):
+    from ue_lightning.cli import main
+
+    name = name.replace("/ABS", str(tmp_path))
+    grid_file = _write(tmp_path / "g.yaml", {"name": name, "output": str(tmp_path / "out" / "grid"),
+                                             "datasets": {"d": str(REPO / "configs/data/digits.yaml")},
+                                             "sources": {"clean": None},
+                                             "victims": {"v": str(REPO / "configs/victim/digits.yaml")}})
+    for command in ("table", "status", "run"):
+        with pytest.raises(SystemExit) as stop:
+            main(["grid", command, str(grid_file)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "not a plain file name" in err and len(err.strip().splitlines()) <= 2, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["g.yaml"]  # no table written, anywhere
+
+
 def test_table_mean_std_over_seeds(tmp_path):
     """Fake results in the cells' folders: the table averages seeds and shows clean in every share's column."""
     grid = load_grid(_fake_grid(tmp_path))

@@ -263,6 +263,16 @@ def read_grid_file(path: str | Path) -> dict:
     return raw
 
 
+def grid_name(name: Any, path: Path) -> str:
+    """The grid's ``name:`` (default: the file's name without ``.yaml``), a plain file name: the tables are
+    written as ``<output>/<name>.md`` (and ``.csv``, ``.png``, ``.cells.json``), inside the output folder."""
+    name = str(name if name not in (None, "") else path.stem)
+    if os.path.isabs(name) or ".." in name or any(sep in name for sep in ("/", "\\", os.sep, "\0")):
+        raise ValueError(f"grid: {path}: name {name!r} is not a plain file name (its tables are written as "
+                         "<output>/<name>.md, .csv and .png): drop the folders, '/', '\\' and '..' from it")
+    return name
+
+
 def _parts(raw: dict) -> list[dict]:
     """The grid's products: the top level alone, or the top level overridden by each of ``parts``."""
     base = {k: v for k, v in raw.items() if k in AXIS_KEYS or k in ARG_KEYS}
@@ -497,7 +507,7 @@ def load_grid(path: str | Path, cwd: str | None = None) -> Grid:
                                    _fill(part.get("victim_args") or {}, cell), noise, bool(source.get("clean_rest")))
             cells.setdefault(stage.key, {**cell, "key": stage.key})
     order = {axis: [v for v in values if v is not None] for axis, values in order.items()}
-    return Grid(path, str(raw.get("name") or path.stem), output, list(cells.values()), _run_order(planner.stages),
+    return Grid(path, grid_name(raw.get("name"), path), output, list(cells.values()), _run_order(planner.stages),
                 order, dict(raw.get("slurm") or {}), _paper_table(raw.get("paper"), path, order, list(cells.values())))
 
 
