@@ -245,6 +245,28 @@ def test_failed_stage_is_reported_and_its_dependants_skipped(tmp_path, capsys):
     assert "width" in (Path(failed[0].folder) / "log.txt").read_text()
 
 
+def test_a_failed_stage_does_not_end_the_run_the_others_go_on_and_it_exits_1(tmp_path, capsys):
+    from ue_lightning.cli import main
+
+    quick = {"config": str(REPO / "configs/victim/digits.yaml"),
+             "args": {"model.init_args.width": 4, "trainer.max_epochs": 1, "data.train_subset": 64, "data.resize": 8}}
+    grid_file = _write(tmp_path / "f.yaml", {
+        "output": str(tmp_path / "out"), "datasets": {"d": str(REPO / "configs/data/digits.yaml")},
+        # a setting the stage's command line refuses (jsonargparse exits), in the first stage to run
+        "sources": {"bad": {"generator": str(REPO / "configs/generator/random.yaml"),
+                            "args": {"model.init_args.no_such_setting": 1}}, "clean": None},
+        "victims": {"v": quick}})
+    with pytest.raises(SystemExit) as stop:
+        main(["grid", "run", str(grid_file)])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 1, out + err
+    assert "FAILED noise bad (d)" in out and "skip  bad -> v on d" in out and "done  clean -> v on d" in out
+    grid = load_grid(grid_file)
+    assert [grid.victim(c).done() for c in grid.cells] == [False, True]
+    noise = grid.stages[grid.victim(grid.cells[0]).needs[0]]
+    assert "2 stage(s) failed" in err and "no_such_setting" in (Path(noise.folder) / "log.txt").read_text()
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"

@@ -31,10 +31,16 @@ def _log(stage: Stage) -> Path:
     return Path(stage.folder) / "log.txt"
 
 
+class StageExited(RuntimeError):
+    """A stage that called ``sys.exit`` (e.g. its command line refused a setting): a failure of that stage alone."""
+
+
 def run_logged(stage: Stage) -> float:
     """Run a stage with its output in ``<folder>/log.txt``; return its minutes.
 
-    Says "start" when the stage starts (in a pool's worker: not when it was queued).
+    Says "start" when the stage starts (in a pool's worker: not when it was queued). A stage that exits
+    (jsonargparse exits on a setting it refuses) raises :class:`StageExited`, so the runner goes on with the
+    other stages; only the runner's own stop (``_exit_on_sigterm``) and Ctrl-C end the run.
     """
     from ue_lightning.grid.stages import output_to, run_stage
 
@@ -43,14 +49,20 @@ def run_logged(stage: Stage) -> float:
     with output_to(_log(stage)):
         try:
             run_stage(stage)
-        except BaseException:
+        except BaseException as error:
             traceback.print_exc()
+            if isinstance(error, SystemExit) and error.code != _SIGTERM_EXIT:
+                raise StageExited(f"the stage exited with code {error.code} (a setting its command line refused: "
+                                  "its log says which)") from None
             raise
     return (time.time() - start) / 60
 
 
+_SIGTERM_EXIT = 128 + signal.SIGTERM
+
+
 def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
+    raise SystemExit(128 + signum)  # _SIGTERM_EXIT: the runner stops, not a failure of the stage
 
 
 def _init_worker(threads: int) -> None:
