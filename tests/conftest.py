@@ -7,7 +7,9 @@ import os
 import pickle
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -134,6 +136,23 @@ def tiny_pipeline_configs(folder: Path) -> dict[str, list[str]]:
         tiny.write_text(yaml.safe_dump(TINY[name]))
         paths[name] = [*(str(REPO / "configs" / f"{source}.yaml") for source in sources), str(tiny)]
     return paths
+
+
+@contextmanager
+def memory_cap(extra_bytes: int) -> Iterator[None]:
+    """At most ``extra_bytes`` more address space for this process meanwhile (the soft RLIMIT_AS, restored after):
+    an allocation beyond it fails at once instead of taking the machine's memory."""
+    resource = pytest.importorskip("resource")
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        pytest.skip("reads the process's address space from /proc")
+    used = next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith("VmSize"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (used + extra_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def run_ue(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

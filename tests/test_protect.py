@@ -132,6 +132,27 @@ def _ue_error(capsys, *args: str) -> str:
     return capsys.readouterr().err
 
 
+def test_a_small_crafted_checkpoint_is_refused_before_any_large_allocation(tmp_path, capsys):
+    from conftest import memory_cap
+    from ue_lightning.modules.em import CHECKPOINT_KEY
+
+    photos = write_photo_folder(tmp_path / "photos")
+    huge_network = tmp_path / "network.ckpt"  # hyperparameters of a 1e11-parameter ResNet-18, one tiny weight
+    torch.save({"state_dict": {"model.fc.weight": torch.zeros(1)}, "hyper_parameters": {
+        "arch": "resnet18", "num_classes": 10, "in_channels": 3, "image_size": 32, "width": 20000}}, huge_network)
+    hollow_noise = tmp_path / "noise.ckpt"  # 10 class patterns of 3x100000x100000 over one stored value (1.2 TB)
+    torch.save({"state_dict": {}, CHECKPOINT_KEY: {"mode": "classwise", "noise": torch.zeros(
+        1, dtype=torch.float16).expand(10, 3, 100000, 100000)}}, hollow_noise)
+    for crafted, method, says in ((huge_network, "em", "weights do not fit"),
+                                  (hollow_noise, "em-classwise", "claims 600000000000 bytes but holds 2")):
+        assert crafted.stat().st_size < 4096
+        with memory_cap(1 << 30):
+            err = _ue_error(capsys, "--input", str(photos), "--output", str(tmp_path / "out"),
+                            "--checkpoint", str(crafted), "--method", method, "--device", "cpu")
+        assert says in err and len(err.strip().splitlines()) == 2, err  # ue: error: ... and the UE_DEBUG hint
+        assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("where", ["same", "inside"])
 def test_an_output_inside_the_input_is_refused(tmp_path, capsys, where):
     photos = write_photo_folder(tmp_path / "photos")

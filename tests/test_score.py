@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import config_args, run_ue, shipped
+from conftest import config_args, memory_cap, run_ue, shipped
 from ue_lightning.modules import ScoreEstimator
 from ue_lightning.modules.score import ScoreCheckpointError, geometric_sigmas
 from ue_lightning.sample_rng import indexed_normal
@@ -157,6 +157,16 @@ def test_load_for_refuses_other_data_and_bad_files(trained, tmp_path):
     torch.save({"state_dict": {"model.weight": torch.zeros(1)}, "hyper_parameters": {"num_classes": 2}}, other)
     with pytest.raises(ScoreCheckpointError, match="not of ue_lightning.modules.ScoreEstimator"):
         ScoreEstimator.load_for(other, num_classes=2, in_channels=1, image_size=SIZE)
+
+
+def test_a_small_crafted_checkpoint_cannot_make_the_loader_allocate_a_huge_network(tmp_path):
+    crafted = tmp_path / "crafted.ckpt"  # hyperparameters of a 2.5e12-parameter network beside one tiny weight
+    torch.save({"state_dict": {"net.head.weight": torch.zeros(1)}, "hyper_parameters": {
+        "num_classes": 2, "in_channels": 1, "image_size": SIZE, "width": 50000, "ema_decay": 0.5}}, crafted)
+    assert crafted.stat().st_size < 4096
+    with memory_cap(1 << 30), pytest.raises(ScoreCheckpointError, match="weights do not fit") as err:
+        ScoreEstimator.load_for(crafted, num_classes=2, in_channels=1, image_size=SIZE)
+    assert "\n" not in str(err.value) and "configs/score/" in str(err.value)
 
 
 def test_several_sigmas_condition_on_the_level_and_score_uses_the_smallest():

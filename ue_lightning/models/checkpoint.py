@@ -15,7 +15,7 @@ from __future__ import annotations
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -61,15 +61,34 @@ def load_checkpoint_file(path: str | Path, *, name: str, fix: str, map_location:
         raise CheckpointNotFoundError(f"{name} {path} does not exist: {fix}")
     try:
         try:
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except RuntimeError as e:
             if not mmap or "mmap" not in str(e):
                 raise
-            return torch.load(path, map_location=map_location, weights_only=True)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except _UNREADABLE as e:
         raise CheckpointError(f"{name} {path} is not a readable checkpoint: it is corrupt, truncated, or holds "
                               f"objects other than tensors and plain values (not unpickled, for safety) "
                               f"({type(e).__name__}: {str(e)[:200]}); {fix}") from None
+    _refuse_hollow_tensors(ckpt, f"{name} {path}", fix)
+    return ckpt
+
+
+def _refuse_hollow_tensors(value: Any, name: str, fix: str, where: str = "") -> None:
+    """Refuse (:class:`CheckpointError`) a tensor that claims more elements than the bytes behind it (a crafted
+    view, e.g. stride 0 over one value): copying it (``.float()``, ``.contiguous()``) would allocate them all."""
+    if isinstance(value, torch.Tensor):
+        nbytes = value.numel() * value.element_size()
+        if nbytes > value.untyped_storage().nbytes():
+            raise CheckpointError(f"{name} is not a checkpoint ue wrote: {where or 'a tensor'} of shape "
+                                  f"{tuple(value.shape)} claims {nbytes} bytes but holds "
+                                  f"{value.untyped_storage().nbytes()}; {fix}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_hollow_tensors(item, name, fix, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _refuse_hollow_tensors(item, name, fix, f"{where}[{i}]")
 
 
 def read_lightning_checkpoint(path: str | Path, *, name: str, expected: str, fix: str, prefix: str,
@@ -116,6 +135,28 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], *, nam
                               ) from None
 
 
+def build_checked(build: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], *, name: str, what: str,
+                  fix: str = "") -> torch.nn.Module:
+    """``build()`` with the weights ``state``, once its weight names and shapes, built first on the meta device
+    (no memory), are found to be ``state``'s.
+
+    A checkpoint's hyperparameters (a width, a class count) decide the size of the module built from them: checked
+    this way, a small crafted file cannot make the loader allocate more than the weights the file holds.
+    """
+    with torch.device("meta"):
+        skeleton = build()
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != given:
+        differ = [f"{k}: {given.get(k, 'missing')} in the file, {expected.get(k, 'none')} in {what}"
+                  for k in sorted(set(expected) | set(given)) if expected.get(k) != given.get(k)]
+        raise CheckpointError(f"{name}: weights do not fit {what} (its hyperparameters): {len(differ)} differ, e.g. "
+                              f"{'; '.join(differ[:3])}" + (f"; {fix}" if fix else ""))
+    module = build()
+    load_weights(module, state, name=name, what=what, fix=fix)
+    return module
+
+
 def read_classifier_checkpoint(path: str | Path, *, name: str, expected: str, fix: str
                                ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(hyperparameters, classifier weights)`` of the checkpoint at ``path`` (weights without ``model.``).
@@ -129,7 +170,6 @@ def read_classifier_checkpoint(path: str | Path, *, name: str, expected: str, fi
 
 def classifier_from_weights(hp: dict[str, Any], weights: dict[str, torch.Tensor], *, name: str) -> ImageClassifier:
     """The classifier that ``hp`` (arch, width, num_classes, in_channels, image_size) describes, with ``weights``."""
-    model = build_classifier(hp["arch"], hp["num_classes"], in_channels=hp["in_channels"],
-                             image_size=hp["image_size"], width=hp.get("width"))
-    load_weights(model, weights, name=name, what=f"{hp['arch']} (width={hp.get('width')})")
-    return model
+    return build_checked(lambda: build_classifier(hp["arch"], hp["num_classes"], in_channels=hp["in_channels"],
+                                                  image_size=hp["image_size"], width=hp.get("width")),
+                         weights, name=name, what=f"{hp['arch']} (width={hp.get('width')})")

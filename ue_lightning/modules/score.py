@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ue_lightning.models import ScoreNet
-from ue_lightning.models.checkpoint import (CheckpointError, check_data_facts, load_weights,
+from ue_lightning.models.checkpoint import (CheckpointError, build_checked, check_data_facts,
                                              read_lightning_checkpoint)
 from ue_lightning.sample_rng import indexed_normal, salt_of
 
@@ -229,8 +229,8 @@ class ScoreEstimator(L.LightningModule):
         check_data_facts(hparams, {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size},
                          name=name, fix=fix)
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        model = cls(**{k: v for k, v in hparams.items() if k in accepted})
-        load_weights(model, state, name=name, what="a ScoreEstimator with its own hyper-parameters", fix=fix)
+        model = build_checked(lambda: cls(**{k: v for k, v in hparams.items() if k in accepted}), state, name=name,
+                              what="a ScoreEstimator with its own hyper-parameters", fix=fix)
         model.eval().requires_grad_(False)
         return model.to(map_location)
 

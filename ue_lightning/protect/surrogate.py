@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ue_lightning.models.checkpoint import classifier_from_weights, read_classifier_checkpoint
+from ue_lightning.models.checkpoint import classifier_from_weights, load_checkpoint_file, read_classifier_checkpoint
 
 SURROGATES = "ErrorMinimizingNoise or RobustNoiseGenerator (ue fit --config configs/data/<data>.yaml --config configs/generator/em-*.yaml)"
 FIX = ("pass the last.ckpt of a generator fit, or leave --checkpoint out to train a quick surrogate on the "
@@ -74,9 +74,12 @@ def load_class_noise(path: str | Path) -> Tensor:
     """float (K, C, h, w), pixel units: the class noise of a class-wise ``ErrorMinimizingNoise`` checkpoint."""
     from ue_lightning.modules.em import CHECKPOINT_KEY
 
-    state = torch.load(path, map_location="cpu", weights_only=True).get(CHECKPOINT_KEY) or {}
-    if state.get("mode") != "classwise" or state.get("noise") is None:
+    ckpt = load_checkpoint_file(path, name="--checkpoint", fix=FIX)
+    state = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
+    state = state if isinstance(state, dict) else {}
+    noise = state.get("noise")
+    if state.get("mode") != "classwise" or not isinstance(noise, Tensor) or noise.dim() != 4:
         raise ValueError(f"--checkpoint {path} holds no class-wise noise (--method em-classwise needs the last.ckpt of "
                          "`ue fit ... --config configs/generator/em-classwise.yaml`): use --method em with it, or "
                          "leave --checkpoint out to train a quick class-wise generator on the folder")
-    return state["noise"].float()
+    return noise.float()
