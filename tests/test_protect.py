@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -110,6 +111,25 @@ def test_a_rerun_redoes_only_the_missing_or_damaged_outputs(protected_run, tmp_p
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     with Image.open(out / "dogs/e.png") as redone:
         assert redone.size == GOOD["dogs/e.png"][1:]
+
+
+def test_an_input_replaced_since_the_last_run_is_protected_again(protected_run, tmp_path):
+    photos, first, _ = protected_run
+    mine, out = tmp_path / "photos", tmp_path / "out"
+    shutil.copytree(photos, mine)
+    shutil.copytree(first, out)
+    replaced = mine / "dogs/e.png"  # another photo of the same size and mode, with the old one's mtime
+    stat = replaced.stat()
+    with Image.open(replaced) as old:
+        new = Image.fromarray(255 - np.asarray(old))
+    new.save(replaced)
+    os.utime(replaced, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p` or rsync -t would leave it
+    protect_folder(str(mine), str(out), epsilon=EPSILON, steps=5, device="cpu")
+    status = {e["input"]: e["status"] for e in load_report(out)["images"]}
+    assert status == {r: "protected" if r == "dogs/e.png" else "done before" for r in GOOD}
+    with Image.open(out / "dogs/e.png") as redone:
+        difference = np.abs(np.asarray(redone, dtype=np.int16) - np.asarray(new, dtype=np.int16))
+    assert difference.max() <= EPSILON  # the new photo's pixels, protected, not the old one's
 
 
 def test_a_flat_folder_with_a_checkpoint_is_labelled_by_the_surrogate(protected_run, tmp_path):

@@ -3,14 +3,16 @@
 Steps: find the images (:mod:`.images`); get the generator (a checkpoint: :mod:`.surrogate`,
 or a quick one trained on the folder and saved as ``<output>/surrogate.ckpt``: :mod:`.quick`);
 per image, its noise at its own size (:mod:`.noise`), written atomically; then the report
-(:mod:`.report`). A rerun with the same settings skips every image whose PNG is there (a
-killed run resumes); ``settings.json`` in the output refuses a rerun with other settings.
+(:mod:`.report`). A rerun with the same settings skips every image whose PNG is there and was
+made from the same input (``inputs.jsonl``: size and SHA-256; a killed run resumes, a replaced
+photo is done again); ``settings.json`` in the output refuses a rerun with other settings.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +32,7 @@ from ue_lightning.protect.surrogate import load_class_noise, load_surrogate
 from ue_lightning.scratch import atomic_write_bytes
 
 SETTINGS_FILE = "settings.json"
+RECORD_FILE = "inputs.jsonl"
 QUICK_CHECKPOINT = "surrogate.ckpt"
 MODES = {"em": "samplewise", "em-classwise": "classwise"}
 
@@ -47,6 +50,46 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class InputRecords:
+    """What each protected PNG was made from: ``inputs.jsonl`` in the output, one line per PNG written (the input's
+    relative path, size, mtime and SHA-256), appended (and synced) after the PNG.
+
+    A PNG of an earlier run counts as done only while its input is the one recorded (same size and content hash;
+    the mtime alone is not trusted: ``cp -p`` and ``rsync -t`` keep it): a replaced photo is protected again, and a
+    PNG written just before a kill, whose line is missing, is made again.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seen: dict[str, dict[str, Any]] = {}
+        lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+        for line in lines:
+            try:
+                record = json.loads(line)
+                self.seen[record["input"]] = record
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                continue
+
+    @staticmethod
+    def of(source: Path, relative: str) -> dict[str, Any]:
+        """The record of the input file ``source`` as it is now."""
+        stat = source.stat()
+        return {"input": relative, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(source)}
+
+    def unchanged(self, record: dict[str, Any]) -> bool:
+        """Whether ``record`` is the input the recorded PNG was made from."""
+        before = self.seen.get(record["input"])
+        return before is not None and (before.get("size"), before.get("sha256")) == (record["size"], record["sha256"])
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Record that the PNG of ``record``'s input was written (call after writing it)."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.seen[record["input"]] = record
 
 
 def _claim_output(output_dir: Path, settings: dict[str, Any]) -> None:
@@ -192,8 +235,9 @@ def protect_folder(
                      "(class i gets label i mod K), which weakens their protection")
     picks = set(np.linspace(0, len(jobs) - 1, min(grid_images, len(jobs))).round().astype(int).tolist())
     images, grid = [], []
+    records = InputRecords(output_dir / RECORD_FILE)
     for i, job in enumerate(tqdm(jobs, desc="protecting", unit="img", file=sys.stderr)):
-        entry, sample = _protect_one(job, noise)
+        entry, sample = _protect_one(job, noise, records)
         (images if "reason" not in entry else skipped).append(entry)
         if sample is not None and i in picks:
             grid.append(sample)
@@ -206,18 +250,19 @@ def protect_folder(
     return report
 
 
-def _protect_one(job: ImageJob, noise: SamplewiseNoise | ClasswiseNoise
+def _protect_one(job: ImageJob, noise: SamplewiseNoise | ClasswiseNoise, records: InputRecords
                  ) -> tuple[dict[str, Any], tuple[Tensor, Tensor] | None]:
-    """Protect one image (or take its PNG of an earlier run).
+    """Protect one image (or take its PNG of an earlier run, if made from this very input: ``records``).
 
     Returns its report entry (``{"path", "reason"}`` when it is left out) and, for the grid,
     ``(clean colour uint8 (C, H, W), int8 delta (C, H, W))`` (None when left out).
     """
+    record = InputRecords.of(job.source, str(job.relative))
     try:
         photo = read_photo(job.source)
     except UnreadableImage as err:
         return {"path": str(job.relative), "reason": str(err)}, None
-    protected = _existing_output(job, photo)
+    protected = _existing_output(job, photo) if records.unchanged(record) else None
     status, label = "done before", None
     if protected is None:
         try:
@@ -226,9 +271,11 @@ def _protect_one(job: ImageJob, noise: SamplewiseNoise | ClasswiseNoise
             return {"path": str(job.relative), "reason": f"too large for this device's memory ({photo.size})"}, None
         protected = Photo(apply_delta(photo.colour, delta), photo.alpha, photo.note, photo.icc_profile)
         write_png(protected, job.output)
+        records.add(record)
         status = "protected"
     delta = (protected.colour.to(torch.int16) - photo.colour.to(torch.int16)).to(torch.int8)
     entry = {"input": str(job.relative), "output": str(job.relative.with_suffix(".png")), "class": job.class_name,
              "label": label, "size": list(photo.size), "mode": photo.mode, "status": status, "note": photo.note,
+             "input_sha256": record["sha256"],
              **image_quality(photo.colour, protected.colour)}
     return entry, (photo.colour, delta)
