@@ -132,6 +132,28 @@ def test_an_input_replaced_since_the_last_run_is_protected_again(protected_run, 
     assert difference.max() <= EPSILON  # the new photo's pixels, protected, not the old one's
 
 
+def test_an_image_too_large_for_memory_is_listed_with_why_and_the_others_are_protected(protected_run, tmp_path):
+    from conftest import memory_cap
+
+    photos, first, _ = protected_run
+    mine = tmp_path / "photos"
+    shutil.copytree(photos, mine)
+    Image.new("L", (10000, 10000)).save(mine / "cats/huge.png")  # about 100 KB of file, 10^8 pixels
+    assert (mine / "cats/huge.png").stat().st_size < 200_000
+    with memory_cap(2 << 30):  # decoded and protected, it would need far more
+        protect_folder(str(mine), str(tmp_path / "out"), checkpoint=str(first / "surrogate.ckpt"), epsilon=4,
+                       steps=1, device="cpu")
+    report = load_report(tmp_path / "out")
+    assert {e["input"] for e in report["images"]} == set(GOOD)
+    reason = {e["path"]: e["reason"] for e in report["skipped"]}["cats/huge.png"]
+    assert "too large: 10000x10000 pixels" in reason and "--max_pixels" in reason
+    assert "cats/huge.png" in (tmp_path / "out/report.md").read_text()
+    protect_folder(str(mine), str(tmp_path / "more"), checkpoint=str(first / "surrogate.ckpt"), epsilon=4,
+                   steps=1, device="cpu", max_pixels=1500)  # the limit is the user's
+    assert {e["path"] for e in load_report(tmp_path / "more")["skipped"] if "too large" in e["reason"]} == {
+        "cats/huge.png", "cats/a.jpg", "dogs/d.jpg"}  # 37x53 and 50x38 are over 1500 pixels
+
+
 def test_a_flat_folder_with_a_checkpoint_is_labelled_by_the_surrogate(protected_run, tmp_path):
     photos, first, _ = protected_run
     flat = tmp_path / "flat"

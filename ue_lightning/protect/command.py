@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from ue_lightning.attacks import budget_to_pixels
 from ue_lightning.data.noise_file import apply_delta
-from ue_lightning.protect.images import ImageJob, Photo, UnreadableImage, find_images, read_photo, write_png
+from ue_lightning.protect.images import (MAX_PIXELS, ImageJob, Photo, UnreadableImage, find_images, read_photo,
+                                         write_png)
 from ue_lightning.protect.noise import class_pattern_delta, error_minimizing_delta, predicted_label
 from ue_lightning.protect.quick import fit_quick_surrogate
 from ue_lightning.protect.report import REPORT_FILES, image_quality, write_report
@@ -177,6 +178,7 @@ def protect_folder(
     seed: int = 0,
     grid_images: int = 6,
     device: str = "auto",
+    max_pixels: int = MAX_PIXELS,
 ) -> dict[str, Any]:
     """Protect every image below --input with error-minimising noise; write PNGs and a report below --output.
 
@@ -199,6 +201,8 @@ def protect_folder(
         seed: seed of the quick generator, its training images and clusters.
         grid_images: images shown in grid.png (evenly spread over the folder).
         device: ``auto`` (a GPU if there is one), ``cpu``, ``cuda``, ``mps``, ...
+        max_pixels: an image with more pixels is left out (and listed in the report) before it is decoded: a
+            decompression bomb, or a photo too large to protect in memory (a 97 KB PNG can hold 10000x10000).
     """
     input_dir, output_dir = Path(input).resolve(), Path(output).resolve()
     if not input_dir.is_dir():
@@ -237,7 +241,7 @@ def protect_folder(
     images, grid = [], []
     records = InputRecords(output_dir / RECORD_FILE)
     for i, job in enumerate(tqdm(jobs, desc="protecting", unit="img", file=sys.stderr)):
-        entry, sample = _protect_one(job, noise, records)
+        entry, sample = _protect_one(job, noise, records, max_pixels)
         (images if "reason" not in entry else skipped).append(entry)
         if sample is not None and i in picks:
             grid.append(sample)
@@ -250,7 +254,7 @@ def protect_folder(
     return report
 
 
-def _protect_one(job: ImageJob, noise: SamplewiseNoise | ClasswiseNoise, records: InputRecords
+def _protect_one(job: ImageJob, noise: SamplewiseNoise | ClasswiseNoise, records: InputRecords, max_pixels: int
                  ) -> tuple[dict[str, Any], tuple[Tensor, Tensor] | None]:
     """Protect one image (or take its PNG of an earlier run, if made from this very input: ``records``).
 
@@ -259,7 +263,7 @@ def _protect_one(job: ImageJob, noise: SamplewiseNoise | ClasswiseNoise, records
     """
     record = InputRecords.of(job.source, str(job.relative))
     try:
-        photo = read_photo(job.source)
+        photo = read_photo(job.source, max_pixels)
     except UnreadableImage as err:
         return {"path": str(job.relative), "reason": str(err)}, None
     protected = _existing_output(job, photo) if records.unchanged(record) else None
@@ -267,8 +271,11 @@ def _protect_one(job: ImageJob, noise: SamplewiseNoise | ClasswiseNoise, records
     if protected is None:
         try:
             label, delta = noise(job, photo)
-        except torch.OutOfMemoryError:
-            return {"path": str(job.relative), "reason": f"too large for this device's memory ({photo.size})"}, None
+        except (MemoryError, RuntimeError) as error:  # torch's CPU allocator raises a RuntimeError
+            if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and "allocate memory" not in str(error):
+                raise
+            return {"path": str(job.relative), "reason": f"too large for this device's memory ({photo.size}, "
+                    f"{type(error).__name__}): lower --max_pixels to leave such images out sooner"}, None
         protected = Photo(apply_delta(photo.colour, delta), photo.alpha, photo.note, photo.icc_profile)
         write_png(protected, job.output)
         records.add(record)

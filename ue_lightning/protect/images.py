@@ -73,10 +73,20 @@ def _target_mode(img: Image.Image) -> str:
     return _CONVERTED.get(img.mode, "RGB")
 
 
-def read_photo(path: Path) -> Photo:
-    """Decode ``path`` fully; raises :class:`UnreadableImage` (with PIL's reason) when it cannot."""
+#: Pixels of the largest image ``ue protect`` decodes by default (``--max_pixels``): PIL's own decompression-bomb
+#: threshold, about 89.5 megapixels (PIL only warns there, and decodes up to twice as many).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+def read_photo(path: Path, max_pixels: int | None = MAX_PIXELS) -> Photo:
+    """Decode ``path`` fully; raises :class:`UnreadableImage` (with PIL's reason) when it cannot, or, before
+    decoding, when it has more than ``max_pixels`` pixels (None: no limit)."""
     try:
         with Image.open(path) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise UnreadableImage(f"too large: {img.width}x{img.height} pixels, more than --max_pixels "
+                                      f"{max_pixels} (decoding and protecting it could exhaust memory): raise "
+                                      "--max_pixels to protect it")
             frames = getattr(img, "n_frames", 1)
             img.load()
             notes = []
@@ -89,6 +99,11 @@ def read_photo(path: Path) -> Photo:
             converted = grey8(oriented) if mode == "L" else oriented
             converted = converted.convert(mode)
             icc = img.info.get("icc_profile")
+    except UnreadableImage:
+        raise
+    except MemoryError:
+        raise UnreadableImage("too large to decode in this machine's memory: lower --max_pixels to leave such "
+                              "images out sooner") from None
     except DECODE_ERRORS as err:
         raise UnreadableImage(f"cannot be decoded ({type(err).__name__}: {err})") from None
     if frames > 1:
