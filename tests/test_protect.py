@@ -154,6 +154,32 @@ def test_an_image_too_large_for_memory_is_listed_with_why_and_the_others_are_pro
         "cats/huge.png", "cats/a.jpg", "dogs/d.jpg"}  # 37x53 and 50x38 are over 1500 pixels
 
 
+@pytest.mark.skipif(os.name == "nt", reason="file names are bytes on POSIX only")
+def test_a_non_utf8_name_is_protected_and_every_input_left_out_is_listed_with_why(protected_run, tmp_path, capsys):
+    photos, first, _ = protected_run
+    mine, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    (mine / "cats").mkdir(parents=True)
+    for name in (b"caf\xe9.png", b".hidden.png"):  # a Latin-1 name (not UTF-8) and a dot-file
+        shutil.copy(photos / "cats/grey.png", os.path.join(os.fsencode(mine / "cats"), name))
+    Path(os.fsdecode(os.path.join(os.fsencode(mine / "cats"), b"caf\xe9.txt"))).write_text("notes")
+    (mine / "cats/.thumbs").mkdir()
+    shutil.copy(photos / "cats/grey.png", mine / "cats/.thumbs/t.png")
+    elsewhere.mkdir()
+    shutil.copy(photos / "dogs/e.png", elsewhere / "e.png")
+    (mine / "linked").symlink_to(elsewhere, target_is_directory=True)
+    out = tmp_path / "out"
+    protect_folder(str(mine), str(out), checkpoint=str(first / "surrogate.ckpt"), epsilon=4, steps=1, device="cpu")
+    assert os.path.isfile(os.path.join(os.fsencode(out / "cats"), b"caf\xe9.png"))  # the same name, byte for byte
+    report = load_report(out)
+    assert [e["input"] for e in report["images"]] == ["cats/caf\\xe9.png"]  # shown with the odd byte escaped
+    skipped = {e["path"]: e["reason"] for e in report["skipped"]}
+    assert set(skipped) == {"cats/caf\\xe9.txt", "cats/.hidden.png", "cats/.thumbs", "linked"}, skipped
+    assert "hidden" in skipped["cats/.hidden.png"] and "hidden folder" in skipped["cats/.thumbs"]
+    assert "link to a folder" in skipped["linked"]
+    md = (out / "report.md").read_text()
+    assert all(f"`{path}`" in md for path in skipped) and "1 images protected" in capsys.readouterr().out
+
+
 def test_a_flat_folder_with_a_checkpoint_is_labelled_by_the_surrogate(protected_run, tmp_path):
     photos, first, _ = protected_run
     flat = tmp_path / "flat"

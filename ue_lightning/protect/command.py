@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ue_lightning.attacks import budget_to_pixels
 from ue_lightning.data.noise_file import apply_delta
 from ue_lightning.protect.images import (MAX_PIXELS, ImageJob, Photo, UnreadableImage, find_images, read_photo,
-                                         write_png)
+                                         shown, write_png)
 from ue_lightning.protect.noise import class_pattern_delta, error_minimizing_delta, predicted_label
 from ue_lightning.protect.quick import fit_quick_surrogate
 from ue_lightning.protect.report import REPORT_FILES, image_quality, write_report
@@ -245,12 +245,12 @@ def protect_folder(
         (images if "reason" not in entry else skipped).append(entry)
         if sample is not None and i in picks:
             grid.append(sample)
-    report = {"settings": settings, "surrogate": checkpoint, "input": str(input_dir), "notes": notes,
+    report = {"settings": settings, "surrogate": shown(checkpoint), "input": shown(input_dir), "notes": notes,
               "images": images, "skipped": skipped}
     write_report(output_dir, report, grid, epsilon)
     done = sum(e["status"] == "protected" for e in images)
-    print(f"{len(images)} images protected in {output_dir} ({done} in this run), {len(skipped)} left out: "
-          f"see {output_dir / 'report.md'}")
+    print(f"{len(images)} images protected in {shown(output_dir)} ({done} in this run), {len(skipped)} left out: "
+          f"see {shown(output_dir / 'report.md')}")
     return report
 
 
@@ -261,11 +261,13 @@ def _protect_one(job: ImageJob, noise: SamplewiseNoise | ClasswiseNoise, records
     Returns its report entry (``{"path", "reason"}`` when it is left out) and, for the grid,
     ``(clean colour uint8 (C, H, W), int8 delta (C, H, W))`` (None when left out).
     """
-    record = InputRecords.of(job.source, str(job.relative))
     try:
+        record = InputRecords.of(job.source, str(job.relative))
         photo = read_photo(job.source, max_pixels)
     except UnreadableImage as err:
-        return {"path": str(job.relative), "reason": str(err)}, None
+        return {"path": shown(job.relative), "reason": str(err)}, None
+    except OSError as err:  # gone, unreadable (permissions), a dangling link
+        return {"path": shown(job.relative), "reason": f"cannot be read ({type(err).__name__}: {err.strerror})"}, None
     protected = _existing_output(job, photo) if records.unchanged(record) else None
     status, label = "done before", None
     if protected is None:
@@ -274,14 +276,15 @@ def _protect_one(job: ImageJob, noise: SamplewiseNoise | ClasswiseNoise, records
         except (MemoryError, RuntimeError) as error:  # torch's CPU allocator raises a RuntimeError
             if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and "allocate memory" not in str(error):
                 raise
-            return {"path": str(job.relative), "reason": f"too large for this device's memory ({photo.size}, "
+            return {"path": shown(job.relative), "reason": f"too large for this device's memory ({photo.size}, "
                     f"{type(error).__name__}): lower --max_pixels to leave such images out sooner"}, None
         protected = Photo(apply_delta(photo.colour, delta), photo.alpha, photo.note, photo.icc_profile)
         write_png(protected, job.output)
         records.add(record)
         status = "protected"
     delta = (protected.colour.to(torch.int16) - photo.colour.to(torch.int16)).to(torch.int8)
-    entry = {"input": str(job.relative), "output": str(job.relative.with_suffix(".png")), "class": job.class_name,
+    entry = {"input": shown(job.relative), "output": shown(job.relative.with_suffix(".png")),
+             "class": None if job.class_name is None else shown(job.class_name),
              "label": label, "size": list(photo.size), "mode": photo.mode, "status": status, "note": photo.note,
              "input_sha256": record["sha256"],
              **image_quality(photo.colour, protected.colour)}

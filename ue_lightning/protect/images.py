@@ -147,13 +147,37 @@ class ImageJob:
     class_name: str | None
 
 
-def _visible_files(root: Path) -> list[Path]:
-    """Every file below ``root``, sorted, hidden files and folders (a leading dot) left out."""
-    found = []
+def shown(path: Path | str) -> str:
+    """``path`` as text for reports and messages: bytes of a name that are not UTF-8 (a Latin-1 ``café``) escaped
+    as ``\\xe9``; Python keeps them as surrogates, which no UTF-8 file or terminal accepts."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def _visible_files(root: Path) -> tuple[list[Path], list[dict[str, str]]]:
+    """Every file below ``root``, sorted; and what is not looked at, with why: hidden files and folders (a leading
+    dot) and links to folders (not followed: they may lead outside ``root``, or round in a loop)."""
+    found, left_out = [], []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(folder) / f for f in sorted(files) if not f.startswith(".")]
-    return found
+        here = Path(folder)
+        kept = []
+        for name in sorted(dirs):
+            relative = shown((here / name).relative_to(root))
+            if name.startswith("."):
+                left_out.append({"path": relative, "reason": "a hidden folder (its name starts with a dot): not "
+                                                             "looked into; rename it to protect what it holds"})
+            elif (here / name).is_symlink():
+                left_out.append({"path": relative, "reason": "a link to a folder: not followed (it may lead outside "
+                                                             "--input); copy the folder in to protect it"})
+            else:
+                kept.append(name)
+        dirs[:] = kept
+        for name in sorted(files):
+            if name.startswith("."):
+                left_out.append({"path": shown((here / name).relative_to(root)),
+                                 "reason": "a hidden file (its name starts with a dot): rename it to protect it"})
+            else:
+                found.append(here / name)
+    return found, left_out
 
 
 def find_images(input_dir: Path, output_dir: Path, reserved: tuple[str, ...] = ()
@@ -162,13 +186,14 @@ def find_images(input_dir: Path, output_dir: Path, reserved: tuple[str, ...] = (
 
     Classes are the top-level folder names when images lie in two or more of them (files at
     the top level are then the class ``.``); otherwise the set is flat. Left out: files
-    without an image suffix, and images whose output name is taken (by an earlier file, such
-    as ``a.jpg`` before ``a.png``, or by one of the ``reserved`` names of the output folder).
+    without an image suffix, images whose output name is taken (by an earlier file, such
+    as ``a.jpg`` before ``a.png``, or by one of the ``reserved`` names of the output folder),
+    hidden files and folders, and links to folders. Paths in the list are :func:`shown`.
     """
-    files = _visible_files(input_dir)
+    files, left_out = _visible_files(input_dir)
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    left_out = [{"path": str(p.relative_to(input_dir)), "reason": "not an image suffix"}
-                for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+    left_out += [{"path": shown(p.relative_to(input_dir)), "reason": "not an image suffix"}
+                 for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
     groups = {p.relative_to(input_dir).parts[0] if len(p.relative_to(input_dir).parts) > 1 else "."
               for p in images}
     nested = len(groups) >= 2
@@ -178,7 +203,8 @@ def find_images(input_dir: Path, output_dir: Path, reserved: tuple[str, ...] = (
         relative = path.relative_to(input_dir)
         output = output_dir / relative.with_suffix(".png")
         if output in taken:
-            left_out.append({"path": str(relative), "reason": f"its output {output.name} {taken[output]}: rename it"})
+            left_out.append({"path": shown(relative),
+                             "reason": f"its output {shown(output.name)} {shown(taken[output])}: rename it"})
             continue
         taken[output] = f"is the output of {relative}"
         class_name = (relative.parts[0] if len(relative.parts) > 1 else ".") if nested else None
