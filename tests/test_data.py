@@ -287,6 +287,28 @@ def test_cifar_export_reads_back_through_the_package_and_no_download_replaces_it
         UEDataModule("cifar10", root=str(out), download=True).clean_split("train")
 
 
+@pytest.mark.parametrize("where", ["absolute", "relative"])
+def test_a_cifar_export_marker_naming_a_file_outside_its_folder_is_refused(fake_cifar10, tmp_path, where):
+    import json
+    import shutil
+
+    dm = UEDataModule("cifar10", root=str(fake_cifar10))
+    _noise_for(dm, tmp_path / "n.safetensors")
+    out = export_protected(str(tmp_path / "n.safetensors"), str(tmp_path / "batches"), "cifar10",
+                           root=str(fake_cifar10), format="cifar")
+    folder = out / "cifar-10-batches-py"
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(folder / "test_batch", outside / "test_batch")  # images from outside the export
+    marker = folder / "ue_lightning_export.json"
+    stranger = str(outside / "test_batch") if where == "absolute" else "../../elsewhere/test_batch"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "files": [
+        *json.loads(marker.read_text())["files"], stranger]}))
+    with pytest.raises(ValueError, match="not a batch file of the export") as err:
+        UEDataModule("cifar10", root=str(out)).clean_split("test")
+    assert stranger in str(err.value) and "ue export --format cifar" in str(err.value)
+
+
 def test_a_module_seed_unlike_the_data_seed_is_accepted(tmp_path):
     """Lightning merges the module's and the datamodule's hyperparameters for the logger and refused the key
     `seed` when a generator's seed differed from the data's; the datamodule logs its own as `data_seed`."""

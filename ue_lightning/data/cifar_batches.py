@@ -45,10 +45,23 @@ def is_export(folder: Path) -> bool:
     return (Path(folder) / EXPORT_MARKER).is_file()
 
 
+#: The files a CIFAR-10 or CIFAR-100 export may name in its marker: the batches, in the folder itself.
+BATCH_FILES = {*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta", "train", "test", "meta"}
+
+
 def load_export(folder: Path, train: bool, cifar100: bool) -> tuple[np.ndarray, list[int], list[str]]:
-    """(images uint8 (N, 32, 32, 3), labels, class names) of an exported CIFAR folder."""
+    """(images uint8 (N, 32, 32, 3), labels, class names) of an exported CIFAR folder.
+
+    Reads only the batch files of ``folder`` itself (:data:`BATCH_FILES`): a marker naming any other path (an
+    absolute one, ``../``) is refused, whatever it says.
+    """
     folder = Path(folder)
     files = json.loads((folder / EXPORT_MARKER).read_text())["files"]
+    strangers = [f for f in files if f not in BATCH_FILES and f != EXPORT_MARKER]
+    if strangers:
+        raise ValueError(f"{folder / EXPORT_MARKER} names {strangers!r}, not a batch file of the export (only "
+                         f"{', '.join(sorted(BATCH_FILES))} in its own folder): export the data again with "
+                         "`ue export --format cifar`")
     names = [f for f in files if (f.startswith("data_batch") or f == "train") == train and f not in
              ("batches.meta", "meta")]
     key = "fine_labels" if cifar100 else "labels"
