@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,33 @@ def test_export_png_and_cifar_round_trip(fake_cifar10, tmp_path, monkeypatch):
     assert ds.targets == dm.clean_split("train").targets.tolist() and ds.classes == dm.clean_split("train").class_names
     with pytest.raises(FileExistsError):
         export_protected(str(tmp_path / "n.safetensors"), str(tmp_path / "png"), "cifar10", root=str(fake_cifar10))
+
+
+def test_outputs_meant_to_be_published_get_the_users_umask(fake_cifar10, tmp_path):
+    """Noise files, exports, checkpoints and result files were written 0600 (folders 0700) through mkstemp/mkdtemp."""
+    import stat
+
+    from ue_lightning.noise_store import StreamingCheckpointIO
+    from ue_lightning.pipeline import _write_json
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    before = os.umask(0o022)
+    try:
+        dm = UEDataModule("cifar10", root=str(fake_cifar10))
+        _noise_for(dm, tmp_path / "n.safetensors")
+        exports = [export_protected(str(tmp_path / "n.safetensors"), str(tmp_path / f"export-{fmt}"), "cifar10",
+                                    root=str(fake_cifar10), format=fmt) for fmt in ("png", "cifar")]
+        StreamingCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "last.ckpt")
+        _write_json(tmp_path / "metrics.json", {"test_acc": 0.5})
+    finally:
+        os.umask(before)
+    assert {name: mode(tmp_path / name) for name in ("n.safetensors", "last.ckpt", "metrics.json")} == {
+        "n.safetensors": 0o644, "last.ckpt": 0o644, "metrics.json": 0o644}
+    for folder in exports:
+        assert {mode(p) for p in [folder, *folder.rglob("*")] if p.is_dir()} == {0o755}, folder
+        assert {mode(p) for p in folder.rglob("*") if p.is_file()} == {0o644}, folder
 
 
 def test_ue_export_command_writes_png_tree(fake_npz, tmp_path):

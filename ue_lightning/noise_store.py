@@ -39,7 +39,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor
 
 from ue_lightning.models.checkpoint import load_checkpoint_file
-from ue_lightning.scratch import scratch_dir, scratch_file
+from ue_lightning.scratch import as_published, scratch_dir, scratch_file
 
 StoreKind = Literal["auto", "memory", "file"]
 AUTO_FILE_BYTES = 1 << 30  # ``auto`` keeps noise under 1 GiB in memory (CIFAR-10 float32: 614 MB)
@@ -183,6 +183,7 @@ class StreamingCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, tmp)  # given a path, torch writes each tensor from its own memory
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            as_published(tmp)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 import sys
-import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
@@ -29,6 +27,7 @@ from ue_lightning.callbacks import PerturbationWriter
 from ue_lightning.compose import compose
 from ue_lightning.console import TransientProgressBar, debugging
 from ue_lightning.lightning_cli import build_cli
+from ue_lightning.scratch import atomic_write_bytes
 
 
 def _check_config(path: str) -> str:
@@ -97,10 +96,8 @@ def _lightning_info_off() -> Iterator[None]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    """``data`` as JSON at ``path``, atomically and with the user's umask (:func:`~ue_lightning.scratch.atomic_write_bytes`)."""
+    atomic_write_bytes(path, json.dumps(data, indent=2).encode())
 
 
 #: The default generators, each composed with ``data`` (collapse is REM's loop plus the score step).

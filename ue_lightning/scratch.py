@@ -63,9 +63,18 @@ def scratch_dir(output: Path, suffix: str = "") -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{_prefix(output)}{os.getpid()}.", suffix=suffix, dir=output.parent))
 
 
+def as_published(path: Path) -> None:
+    """Give the scratch file or folder ``path`` the permissions of a plain ``open`` or ``mkdir`` before it is renamed
+    into place: 0666 (a folder 0777) less the user's umask, not mkstemp's 0600 or mkdtemp's 0700, so what is meant
+    to be shared (noise files, exports, checkpoints, results) is as readable as the user's other files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+
+
 def atomic_write_bytes(output: Path, data: bytes) -> None:
     """Write ``data`` to ``output`` through a temporary sibling (fsync, rename): ``output`` holds the old content
-    or the new one, never a part. The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
+    or the new one, never a part. The file gets the usual permissions (:func:`as_published`)."""
     output = Path(output)
     fd, tmp = scratch_file(output, output.suffix)
     try:
@@ -73,9 +82,7 @@ def atomic_write_bytes(output: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        as_published(tmp)
         os.replace(tmp, output)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from ue_lightning.console import progress
 from ue_lightning.data.cifar_batches import write_marker
 from ue_lightning.data.datasets import CleanImages, load_dataset
 from ue_lightning.data.noise_file import NoiseFile, apply_delta
-from ue_lightning.scratch import scratch_dir
+from ue_lightning.scratch import as_published, scratch_dir
 
 
 def protected_images(clean: CleanImages, noise: NoiseFile, chunk: int = 1024):
@@ -156,6 +156,7 @@ def export_protected(
                 _write_png_tree(tmp, clean_train, clean_test, noise_file, bar.update)
             else:
                 _write_cifar_batches(tmp, clean_train, clean_test, noise_file, dataset == "cifar100", bar.update)
+        as_published(tmp)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ue_lightning.scratch import scratch_file
+from ue_lightning.scratch import as_published, scratch_file
 
 FORMAT = "ue_lightning.noise"
 FORMAT_VERSION = 1
@@ -221,6 +221,7 @@ class NoiseFileWriter:
             return
         with open(self._tmp, "rb+") as f:
             os.fsync(f.fileno())
+        as_published(self._tmp)
         os.replace(self._tmp, self.path)
 
 
