@@ -179,6 +179,20 @@ def test_a_local_ckpt_path_starting_with_http_loads_the_local_file_and_never_tor
     assert not ran.exists()
 
 
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path, capsys):
+    import ue_lightning.cli as cli
+
+    ran = tmp_path / "code-ran"
+    torch.save({"state_dict": _RunsCode(ran)}, tmp_path / "bad.ckpt")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["test", *TINY, "--ckpt_path", str(tmp_path / "bad.ckpt"), "--trainer.logger", "false"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and not ran.exists()
+    errors = [line for line in err.splitlines() if line.startswith("ue: error:")]
+    assert len(errors) == 1 and "bad.ckpt" in errors[0] and "not unpickled" in errors[0], err
+    assert "weights_only=False" not in err and "Traceback" not in err  # torch's advice to run the code is not ours
+
+
 def test_settings_the_checkpoint_overrides_are_named_with_both_values(monkeypatch, victim_checkpoint):
     with pytest.warns(UserWarning, match=r"adv_radius: 4.0 \(config\) -> 0.0 \(checkpoint\)"):
         cli = _parse_only(monkeypatch, "test", *TINY, "--model.init_args.adv_radius", "4",

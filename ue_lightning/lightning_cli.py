@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from pathlib import Path
 from types import MethodType
 from unittest.mock import patch
 
@@ -18,7 +19,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from ue_lightning.compose import fill_placeholders, missing_overlays, run_names, unnamed_error
 from ue_lightning.console import quiet_third_party
 from ue_lightning.data import UEDataModule
-from ue_lightning.models.checkpoint import refuse_url
+from ue_lightning.models.checkpoint import load_checkpoint_file, refuse_url
 from ue_lightning.noise_store import stream_checkpoints
 
 
@@ -47,11 +48,14 @@ class UECLI(LightningCLI):
         """
         subcommand = self.config.get("subcommand")
         before = self.config[subcommand].get("model") if subcommand else None
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if isinstance(ckpt, (str, Path)) and Path(ckpt).is_file():  # Lightning's own read raises torch's advice
+            load_checkpoint_file(ckpt, name="--ckpt_path", mmap=True,  # (weights_only=False) with a traceback
+                                 fix="pass a checkpoint that ue fit wrote, from a source you trust")
         super()._parse_ckpt_path()
         after = self.config[subcommand].get("model") if subcommand else None
         if before is None or after is None or before is after:
             return
-        ckpt = self.config[subcommand].get("ckpt_path")
         if before.class_path != after.class_path:
             raise ValueError(f"--ckpt_path {ckpt} holds a {after.class_path.rsplit('.', 1)[-1]}, but the config's model "
                              f"is a {before.class_path.rsplit('.', 1)[-1]}: pass a checkpoint of that model, or the "

@@ -67,9 +67,12 @@ def load_checkpoint_file(path: str | Path, *, name: str, fix: str, map_location:
                 raise
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except _UNREADABLE as e:
+        # torch's own message advises weights_only=False, which would run the file's code: its first line is kept
+        why = str(e).replace("Weights only load failed.", "").strip().splitlines()
+        why = next((line for line in why if "weights_only" not in line and line.strip()), "")
         raise CheckpointError(f"{name} {path} is not a readable checkpoint: it is corrupt, truncated, or holds "
                               f"objects other than tensors and plain values (not unpickled, for safety) "
-                              f"({type(e).__name__}: {str(e)[:200]}); {fix}") from None
+                              f"({type(e).__name__}: {why[:200]}); {fix}") from None
     _refuse_hollow_tensors(ckpt, f"{name} {path}", fix)
     return ckpt
 
