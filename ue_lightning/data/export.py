@@ -4,7 +4,9 @@ Two layouts: a PNG ImageFolder tree (``train/<class>/<index>.png`` protected,
 ``val/<class>/<index>.png`` clean), readable by torchvision's ImageFolder and by
 ``UEDataModule(dataset="folder")``; and CIFAR's python-batch layout
 (``cifar-10-batches-py/data_batch_1..5``, ``test_batch``, ``batches.meta``; CIFAR-100:
-``cifar-100-python/train``, ``test``, ``meta``), readable by torchvision's CIFAR classes.
+``cifar-100-python/train``, ``test``, ``meta``), read back by ``UEDataModule`` (which knows an
+export by its marker file and unpickles arrays only: :mod:`ue_lightning.data.cifar_batches`);
+torchvision's CIFAR classes refuse it as it is (their MD5 list is of the published files).
 Both are written into a temporary folder and renamed into place, so a failed export
 leaves nothing half-written at ``output``.
 """
