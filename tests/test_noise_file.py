@@ -219,3 +219,23 @@ def test_malformed_headers_are_refused_with_one_clear_error(fake_cifar10, tmp_pa
     _rewrite_header(good.path, bad, edit)
     with pytest.raises(NoiseFileError, match="regenerate it"):
         NoiseFile.open(bad)
+
+
+def test_a_covered_mask_of_the_wrong_length_is_refused_in_one_line(tmp_path, capsys):
+    from ue_lightning.cli import main
+
+    good = _write_for(UEDataModule("digits"), tmp_path / "good.safetensors")
+    rows = good.delta.shape[0]
+
+    def shorter(header):  # one flag fewer, the file one byte shorter: every extent still adds up
+        begin, end = header["covered"]["data_offsets"]
+        return {**header, "covered": {**header["covered"], "shape": [rows - 1], "data_offsets": [begin, end - 1]}}
+    bad = tmp_path / "short.safetensors"
+    _rewrite_header(good.path, bad, shorter)
+    bad.write_bytes(bad.read_bytes()[:-1])
+    with pytest.raises(SystemExit) as stop:  # ue export indexed the mask by row: an IndexError's traceback
+        main(["export", "--noise", str(bad), "--dataset", "digits", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.rstrip("\n").splitlines()) == 1, err
+    assert err.startswith(f"ue: error: cannot read {bad}") and f"{rows - 1} flags for {rows} delta rows" in err, err
+    assert "regenerate it with `ue predict`" in err and not (tmp_path / "out").exists()

@@ -121,6 +121,22 @@ def test_user_errors_print_one_message_and_exit_2(args, says):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("mistake, says", [
+    (["--trainer.max_stepz", "3"], "unknown option --trainer.max_stepz: did you mean --trainer.max_steps?"),
+    (["--trainer.max_steps", "abc"], "--trainer.max_steps abc: expected int; give one"),
+    (["--model.init_args.widht", "3"], "unknown option --model.init_args.widht: did you mean --model.init_args.width?"),
+    (["--config", "nope.yaml"], "nope.yaml: no such file; check the path"),
+], ids=["option-typo", "bad-value", "nested-option-typo", "missing-config"])
+def test_a_refused_command_line_is_one_line_naming_the_fix_without_the_usage(mistake, says, capsys):
+    import ue_lightning.cli as cli
+
+    with pytest.raises(SystemExit) as stop:  # jsonargparse printed the 60-line usage before its message
+        cli.main(["fit", *TINY, *mistake])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.rstrip("\n").splitlines()) == 1, err
+    assert err.startswith("ue: error: ") and says in err, err
+
+
 @pytest.fixture(scope="module")
 def victim_checkpoint(tmp_path_factory) -> Path:
     """A VictimClassifier checkpoint made by `ue fit` (the CLI records the module's class path in it)."""

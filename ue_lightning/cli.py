@@ -44,7 +44,7 @@ examples:
 
 
 #: Errors that mean "the input is wrong" (a bad value, a foreign or damaged file, a missing path): ``ue``
-#: prints their message alone and exits with 2; ``UE_DEBUG=1`` shows the traceback instead.
+#: prints their message alone, on one line, and exits with 2; ``UE_DEBUG=1`` shows the traceback instead.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError, PermissionError)
 
 
@@ -54,20 +54,24 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as error:
         if os.environ.get("UE_DEBUG"):
             raise
-        print(f"ue: error: {_root_message(error)}\n(UE_DEBUG=1 ue ... shows the traceback)", file=sys.stderr)
+        print(f"ue: error: {_root_message(error)}", file=sys.stderr)
         sys.exit(2)
 
 
 def _root_message(error: BaseException) -> str:
     """The message of the innermost user error in the chain: jsonargparse wraps the package's
     own message (e.g. "epsilon=100 is out of range ...") in a long list of union subtypes."""
-    root = error
-    cause = error.__cause__ or error.__context__
+    root, cause = error, _cause(error)
     while cause is not None:
         if isinstance(cause, USER_ERRORS):
             root = cause
-        cause = cause.__cause__ or cause.__context__
+        cause = _cause(cause)
     return str(root.args[0]) if isinstance(root, KeyError) and root.args else str(root)
+
+
+def _cause(error: BaseException) -> BaseException | None:
+    """The error ``error`` was raised from or while handling, unless raised ``from None`` (its own message says it)."""
+    return error.__cause__ or (None if error.__suppress_context__ else error.__context__)
 
 
 def _run(argv: list[str] | None) -> None:
@@ -82,13 +86,15 @@ def _run(argv: list[str] | None) -> None:
     if args[0] in EXTRA_COMMANDS:
         from jsonargparse import CLI
 
+        from ue_lightning.console import OneLineParser
+
         if args[0] == "export":
             from ue_lightning.data.export import export_protected as command
         elif args[0] == "protect":
             from ue_lightning.protect import protect_folder as command
         else:
             from ue_lightning.pipeline import run_pipeline as command
-        CLI(command, args=args[1:], as_positional=False)
+        CLI(command, args=args[1:], as_positional=False, parser_class=OneLineParser, prog=f"ue {args[0]}")
         return
     build_cli(argv)  # None: LightningCLI reads sys.argv itself
     _close_process_group()

@@ -11,12 +11,17 @@ bars off when its output is not a terminal and uses :class:`TransientProgressBar
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import logging
 import os
+import re
 import sys
 import warnings
-from typing import Iterable
+from typing import Iterable, NoReturn
 
+from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import TQDMProgressBar
 from tqdm import tqdm
 
@@ -97,3 +102,72 @@ def quiet_third_party() -> None:
         logger = logging.getLogger(name)  # whichever Lightning imported last logs rank_zero_info's lines
         if not any(isinstance(f, _DropLightningTips) for f in logger.filters):
             logger.addFilter(_DropLightningTips())
+
+
+class OneLineErrors:
+    """A jsonargparse parser mixin: a command line it refuses is one ``ue: error:`` line naming the fix, exit 2.
+
+    jsonargparse prints the whole usage (60 lines for ``ue fit``) before its message, and a nested
+    message over many more; the usage stays with ``--help``, jsonargparse's own output with ``UE_DEBUG=1``.
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if debugging() or not self.exit_on_error:  # not exit_on_error: jsonargparse's own tries raise
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        print(f"ue: error: {refusal_line(parser, message)}", file=sys.stderr)
+        self.exit(2)
+
+
+def refusal_line(parser, message: str) -> str:
+    """jsonargparse's ``message`` for a refused command line as one line naming the fix: the closest option
+    to a mistyped one, the type a value should have, the path that does not exist."""
+    command = parser.prog.replace(" [options]", "")
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    option = "--" + ".init_args.".join(keys)
+    if unknown := re.match(r"unrecognized arguments: (\S+)", message):
+        typed = unknown[1].split("=")[0]
+        known = [name for action in parser._actions for name in action.option_strings]
+        return f"unknown option {typed}{_closest(typed, known)} (`{command} --help` lists the options)"
+    if unknown := re.search(r"Option '([^']+)' is not accepted", message):
+        typed, owner = f"{option}.init_args.{unknown[1]}", re.search(r"class_path '([^']+)'", message)
+        known = [f"{option}.init_args.{name}" for name in _parameters(owner[1] if owner else "")]
+        return f"unknown option {typed}{_closest(typed, known)} (`{command} --help` lists the options)"
+    if missing := re.search(r"File does not exist: '([^']+)'", message):
+        return f"{option} {missing[1]}: no such file; check the path"
+    given = re.search(r"(?:Got value|Given value): (.*)", message)
+    if given and "Expected a dot import path string" in message:
+        return f"{option} {given[1]}: no such class; give a class name or a full dotted class_path"
+    wanted = dict.fromkeys(_type_name(t) for t in re.findall(r"Expected an? (<class '\w+'>|typing\.Literal\[[^\]]*\])",
+                                                             message))
+    if keys and given and wanted:
+        return (f"{option} {given[1]}: expected {' or '.join(wanted)}; give one "
+                f"(`{command} --help` lists each option's type)")
+    return f"{' '.join(message.split())} (`{command} --help` lists the options)"
+
+
+def _closest(typed: str, known: list[str]) -> str:
+    match = difflib.get_close_matches(typed, known, n=1, cutoff=0.75)
+    return f": did you mean {match[0]}?" if match else ""
+
+
+def _parameters(class_path: str) -> list[str]:
+    """The ``__init__`` parameters of the class at ``class_path`` (none if it cannot be imported)."""
+    try:
+        module, name = class_path.rsplit(".", 1)
+        return [p.name for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+
+
+def _type_name(annotation: str) -> str:
+    """``<class 'int'>`` -> ``int``, ``<class 'NoneType'>`` -> ``null``, ``typing.Literal['a', 'b']`` -> ``one of 'a', 'b'``."""
+    if annotation.startswith("typing.Literal["):
+        return f"one of {annotation[len('typing.Literal['):-1]}"
+    name = annotation[len("<class '"):-2]
+    return "null" if name == "NoneType" else name
+
+
+class OneLineParser(OneLineErrors, ArgumentParser):
+    """jsonargparse's parser, refusing a command line in one ``ue: error:`` line (``ue export|protect|pipeline``)."""

@@ -10,14 +10,14 @@ from types import MethodType
 from unittest.mock import patch
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ue_lightning.compose import fill_placeholders, missing_overlays, run_names, unnamed_error
-from ue_lightning.console import quiet_third_party
+from ue_lightning.console import OneLineErrors, quiet_third_party
 from ue_lightning.data import UEDataModule
 from ue_lightning.models.checkpoint import load_checkpoint_file, refuse_url
 from ue_lightning.noise_store import stream_checkpoints
@@ -25,6 +25,10 @@ from ue_lightning.noise_store import stream_checkpoints
 
 #: Model arguments the CLI links from the DataModule (never set in configs).
 LINKED_FROM_DATA = ("num_classes", "in_channels", "image_size")
+
+
+class UEArgumentParser(OneLineErrors, LightningArgumentParser):
+    """Lightning's parser, refusing a command line in one ``ue: error:`` line (the usage only with ``--help``)."""
 
 
 class UECLI(LightningCLI):
@@ -153,6 +157,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> UECLI:
         },
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_class=UEArgumentParser,
+        parser_kwargs={"prog": "ue"},
         args=args,
         run=run,
     )

@@ -290,6 +290,8 @@ class NoiseFile:
             if start + end != size:
                 raise ValueError(f"file is {size} bytes, header promises {start + end}")
             shape = tuple(spec["shape"])
+            if "covered" in header and header["covered"]["shape"] != [shape[0]]:  # export indexes it by row
+                raise ValueError(f"covered holds {header['covered']['shape'][0]} flags for {shape[0]} delta rows")
             delta = np.memmap(path, dtype=np.int8, mode="r", offset=start + spec["data_offsets"][0], shape=shape)
             covered = None
             if "covered" in header:
