@@ -209,6 +209,22 @@ def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path, capsy
     assert "weights_only=False" not in err and "Traceback" not in err  # torch's advice to run the code is not ours
 
 
+def test_a_small_crafted_checkpoint_cannot_make_ue_test_build_a_huge_network(tmp_path, capsys):
+    import ue_lightning.cli as cli
+    from conftest import memory_cap
+
+    crafted = tmp_path / "huge.ckpt"  # a VictimClassifier of width 20000 (a 14 GB ResNet-18), one tiny weight
+    torch.save({"state_dict": {"model.fc.weight": torch.zeros(1)}, "hyper_parameters": {
+        "_class_path": "ue_lightning.modules.VictimClassifier", "arch": "resnet18", "num_classes": 10,
+        "in_channels": 1, "image_size": 8, "width": 20000}}, crafted)
+    assert crafted.stat().st_size < 4096
+    with memory_cap(1 << 30), pytest.raises(SystemExit) as stop:  # Lightning built it from the hyperparameters
+        cli.main(["test", *TINY, "--ckpt_path", str(crafted), "--trainer.logger", "false"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.rstrip("\n").splitlines()) == 1, err
+    assert err.startswith(f"ue: error: --ckpt_path {crafted}: weights do not fit a VictimClassifier"), err
+
+
 def test_settings_the_checkpoint_overrides_are_named_with_both_values(monkeypatch, victim_checkpoint):
     with pytest.warns(UserWarning, match=r"adv_radius: 4.0 \(config\) -> 0.0 \(checkpoint\)"):
         cli = _parse_only(monkeypatch, "test", *TINY, "--model.init_args.adv_radius", "4",

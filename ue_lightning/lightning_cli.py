@@ -7,9 +7,12 @@ import os
 import sys
 from pathlib import Path
 from types import MethodType
+from typing import Any
 from unittest.mock import patch
 
 import lightning as L
+import torch
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -19,9 +22,12 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from ue_lightning.compose import fill_placeholders, missing_overlays, run_names, unnamed_error
 from ue_lightning.console import OneLineErrors, quiet_third_party
 from ue_lightning.data import UEDataModule
-from ue_lightning.models.checkpoint import load_checkpoint_file, refuse_url
+from ue_lightning.models.checkpoint import check_fits, load_checkpoint_file, refuse_url
 from ue_lightning.noise_store import stream_checkpoints
 
+
+#: How to get a checkpoint ``ue`` accepts, ending every refusal of a ``--ckpt_path``.
+TRUSTED_CHECKPOINT = "pass a checkpoint that ue fit wrote, from a source you trust"
 
 #: Model arguments the CLI links from the DataModule (never set in configs).
 LINKED_FROM_DATA = ("num_classes", "in_channels", "image_size")
@@ -47,15 +53,16 @@ class UECLI(LightningCLI):
         """Lightning replaces the model's settings by the checkpoint's when ``--ckpt_path`` is given.
 
         Refuse a checkpoint of another module class (it would silently replace the module and
-        fail later with an unrelated error), and say which settings from the config or the
-        command line the checkpoint overrides, with both values.
+        fail later with an unrelated error) and one whose weights do not fit the module its
+        hyperparameters describe (checked on the meta device, before Lightning builds it), and say
+        which settings from the config or the command line the checkpoint overrides, with both values.
         """
         subcommand = self.config.get("subcommand")
         before = self.config[subcommand].get("model") if subcommand else None
         ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if isinstance(ckpt, (str, Path)) and Path(ckpt).is_file():  # Lightning's own read raises torch's advice
-            load_checkpoint_file(ckpt, name="--ckpt_path", mmap=True,  # (weights_only=False) with a traceback
-                                 fix="pass a checkpoint that ue fit wrote, from a source you trust")
+        checkpoint = None  # read by the package's loader first: Lightning's own read of a file that would run
+        if isinstance(ckpt, (str, Path)) and Path(ckpt).is_file():  # code raises torch's advice (weights_only=False)
+            checkpoint = load_checkpoint_file(ckpt, name="--ckpt_path", mmap=True, fix=TRUSTED_CHECKPOINT)
         super()._parse_ckpt_path()
         after = self.config[subcommand].get("model") if subcommand else None
         if before is None or after is None or before is after:
@@ -64,6 +71,7 @@ class UECLI(LightningCLI):
             raise ValueError(f"--ckpt_path {ckpt} holds a {after.class_path.rsplit('.', 1)[-1]}, but the config's model "
                              f"is a {before.class_path.rsplit('.', 1)[-1]}: pass a checkpoint of that model, or the "
                              "config the checkpoint was made with")
+        refuse_unfit_weights(after, checkpoint, f"--ckpt_path {ckpt}")
         mine, theirs = vars(before.init_args), vars(after.init_args)
         changed = [f"{k}: {mine[k]!r} (config) -> {theirs[k]!r} (checkpoint)" for k in mine
                    if k not in LINKED_FROM_DATA and k in theirs and theirs[k] != mine[k]]
@@ -127,6 +135,19 @@ def default_loggers(root: str) -> list:
     tensorboard = TensorBoardLogger(root, name="lightning_logs", version=SLURMEnvironment.job_id())
     # CSV first: it creates the folder (it warns when it finds one with files in it); TensorBoard adds its own.
     return [CSVLogger(root, name="lightning_logs", version=tensorboard.version), tensorboard]
+
+
+def refuse_unfit_weights(model: Namespace, checkpoint: Any, name: str) -> None:
+    """Refuse (:class:`~ue_lightning.models.checkpoint.CheckpointError`) a checkpoint whose weights are not those of
+    ``model``, the module its hyperparameters describe, built first on the meta device (no memory): Lightning
+    builds that module for real before it reads any weight, and a 2 KB file could ask for a 14 GB network."""
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningModule, "model")
+    with torch.device("meta"):
+        skeleton = parser.instantiate_classes(Namespace(model=model)).model
+    check_fits(skeleton, state if isinstance(state, dict) else {}, name=name, fix=TRUSTED_CHECKPOINT,
+               what=f"a {model.class_path.rsplit('.', 1)[-1]}")
 
 
 def refuse_remote_checkpoint(ckpt_path: str | None) -> None:

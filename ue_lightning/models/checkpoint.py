@@ -148,16 +148,22 @@ def build_checked(build: Callable[[], torch.nn.Module], state: dict[str, torch.T
     """
     with torch.device("meta"):
         skeleton = build()
+    check_fits(skeleton, state, name=name, what=what, fix=fix)
+    module = build()
+    load_weights(module, state, name=name, what=what, fix=fix)
+    return module
+
+
+def check_fits(skeleton: torch.nn.Module, state: dict[str, Any], *, name: str, what: str, fix: str = "") -> None:
+    """Refuse (:class:`CheckpointError`) weights ``state`` whose names or shapes are not those of ``skeleton`` (a
+    module built on the meta device from the checkpoint's hyperparameters: no memory), naming a few that differ."""
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    given = {k: tuple(v.shape) for k, v in state.items()}
+    given = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in state.items()}
     if expected != given:
         differ = [f"{k}: {given.get(k, 'missing')} in the file, {expected.get(k, 'none')} in {what}"
                   for k in sorted(set(expected) | set(given)) if expected.get(k) != given.get(k)]
         raise CheckpointError(f"{name}: weights do not fit {what} (its hyperparameters): {len(differ)} differ, e.g. "
                               f"{'; '.join(differ[:3])}" + (f"; {fix}" if fix else ""))
-    module = build()
-    load_weights(module, state, name=name, what=what, fix=fix)
-    return module
 
 
 def read_classifier_checkpoint(path: str | Path, *, name: str, expected: str, fix: str
