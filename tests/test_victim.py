@@ -225,6 +225,31 @@ def test_a_small_crafted_checkpoint_cannot_make_ue_test_build_a_huge_network(tmp
     assert err.startswith(f"ue: error: --ckpt_path {crafted}: weights do not fit a VictimClassifier"), err
 
 
+def test_a_plain_fit_rerun_is_refused_with_the_option_that_resumes_and_last_ckpt_is_kept(tmp_path, capsys):
+    import yaml
+
+    import ue_lightning.cli as cli
+
+    overlay = tmp_path / "checkpoints.yaml"  # the generator configs' kind: one folder, last.ckpt overwritten
+    overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True, "enable_version_counter": False}}]}}))
+    fit = ["fit", *TINY, "--config", str(overlay), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+           "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+    cli.main(fit)  # then Ctrl-C, or a run that ended: the same command again
+    last = tmp_path / "ckpt/last.ckpt"
+    kept = last.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # it started over at step 0 and overwrote last.ckpt
+        cli.main(fit)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("ue: error:")]
+    assert stop.value.code == 2 and last.read_bytes() == kept
+    assert len(errors) == 1 and f"resume it with --ckpt_path {last}" in errors[0] and "--start_over true" in errors[0]
+    cli.main([*fit, "--start_over", "true"])  # deliberately
+    assert torch.load(last, weights_only=True)["global_step"] == 2 and last.read_bytes() != kept
+
+
 def test_settings_the_checkpoint_overrides_are_named_with_both_values(monkeypatch, victim_checkpoint):
     with pytest.warns(UserWarning, match=r"adv_radius: 4.0 \(config\) -> 0.0 \(checkpoint\)"):
         cli = _parse_only(monkeypatch, "test", *TINY, "--model.init_args.adv_radius", "4",

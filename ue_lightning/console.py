@@ -128,7 +128,8 @@ def refusal_line(parser, message: str) -> str:
     if unknown := re.match(r"unrecognized arguments: (\S+)", message):
         typed = unknown[1].split("=")[0]
         known = [name for action in parser._actions for name in action.option_strings]
-        return f"unknown option {typed}{_closest(typed, known)} (`{command} --help` lists the options)"
+        kind = "option" if typed.startswith("-") else "argument"
+        return f"unknown {kind} {typed}{_closest(typed, known)} (`{command} --help` lists the options)"
     if unknown := re.search(r"Option '([^']+)' is not accepted", message):
         typed, owner = f"{option}.init_args.{unknown[1]}", re.search(r"class_path '([^']+)'", message)
         known = [f"{option}.init_args.{name}" for name in _parameters(owner[1] if owner else "")]
@@ -154,11 +155,20 @@ def _closest(typed: str, known: list[str]) -> str:
 def _parameters(class_path: str) -> list[str]:
     """The ``__init__`` parameters of the class at ``class_path`` (none if it cannot be imported)."""
     try:
-        module, name = class_path.rsplit(".", 1)
-        return [p.name for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()
+        return [p.name for p in inspect.signature(import_class(class_path)).parameters.values()
                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    except (ImportError, AttributeError, ValueError, TypeError):
+    except (ValueError, TypeError):
         return []
+
+
+def import_class(class_path: str | None) -> type | None:
+    """The class at the dotted ``class_path``, as a config names it (None if it names none)."""
+    module, _, name = (class_path or "").rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError:
+        return None
+    return found if isinstance(found, type) else None
 
 
 def _type_name(annotation: str) -> str:

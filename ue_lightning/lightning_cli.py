@@ -14,13 +14,14 @@ import lightning as L
 import torch
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ue_lightning.compose import fill_placeholders, missing_overlays, run_names, unnamed_error
-from ue_lightning.console import OneLineErrors, quiet_third_party
+from ue_lightning.console import OneLineErrors, import_class, quiet_third_party
 from ue_lightning.data import UEDataModule
 from ue_lightning.models.checkpoint import check_fits, load_checkpoint_file, refuse_url
 from ue_lightning.noise_store import stream_checkpoints
@@ -43,6 +44,9 @@ class UECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for attr in LINKED_FROM_DATA:
             parser.link_arguments(f"data.{attr}", f"model.init_args.{attr}", apply_on="instantiate")
+        parser.add_argument("--start_over", type=bool, default=False,
+                            help="ue fit: start over although the checkpoint folder holds a previous run's last.ckpt "
+                                 "(overwritten; without it ue fit refuses and says how to resume)")
 
     def predict(self, **kwargs) -> None:
         """``ue predict``: writer callbacks save the output (e.g. PerturbationWriter), so the CLI keeps no
@@ -90,6 +94,8 @@ class UECLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None:
             refuse_remote_checkpoint(self.config[self.subcommand].get("ckpt_path"))
+        if self.subcommand == "fit":
+            refuse_silent_restart(self.config.fit)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -148,6 +154,24 @@ def refuse_unfit_weights(model: Namespace, checkpoint: Any, name: str) -> None:
         skeleton = parser.instantiate_classes(Namespace(model=model)).model
     check_fits(skeleton, state if isinstance(state, dict) else {}, name=name, fix=TRUSTED_CHECKPOINT,
                what=f"a {model.class_path.rsplit('.', 1)[-1]}")
+
+
+def refuse_silent_restart(config: Namespace) -> None:
+    """Refuse (``FileExistsError``) a ``ue fit`` without ``--ckpt_path`` whose checkpoint folder holds a previous
+    run's ``last.ckpt`` (e.g. stopped by Ctrl-C): it would start over and overwrite it. The message gives the
+    option that resumes it and the one that starts over (``--start_over true``)."""
+    if config.get("ckpt_path") is not None or config.get("start_over"):
+        return
+    for callback in config.get("trainer.callbacks") or []:
+        cls = import_class(getattr(callback, "class_path", None))
+        settings = getattr(callback, "init_args", None) or Namespace()
+        if not (cls is not None and issubclass(cls, ModelCheckpoint) and settings.get("save_last")
+                and settings.get("dirpath")):
+            continue
+        last = Path(settings.dirpath).expanduser() / f"{cls.CHECKPOINT_NAME_LAST}{cls.FILE_EXTENSION}"
+        if last.is_file():
+            raise FileExistsError(f"{last} holds a previous run of this fit: resume it with --ckpt_path {last}, "
+                                  "or start over, overwriting it, with --start_over true")
 
 
 def refuse_remote_checkpoint(ckpt_path: str | None) -> None:
