@@ -324,6 +324,18 @@ def test_jobs_below_one_is_refused(tmp_path, capsys):
     assert not (tmp_path / "out" / "cells").exists()  # nothing ran
 
 
+@pytest.mark.parametrize("argv, says", [(["status"], "required: grid"), (["bogus"], "invalid choice: 'bogus'"),
+                                        (["run", "g.yaml", "--jobs", "0"], "--jobs must be at least 1")])
+def test_a_refused_grid_command_line_is_one_line_without_the_usage(argv, says, capsys):
+    from ue_lightning.grid import main
+
+    with pytest.raises(SystemExit) as stop:  # argparse printed its usage line before the message
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.rstrip("\n").splitlines()) == 1, err
+    assert err.startswith("ue: error: ue grid") and says in err and "--help" in err, err
+
+
 def test_a_victim_trains_as_soon_as_its_noise_exists(tmp_path, fake_npz):
     """With --jobs 2, the victims of clean data and of quick noise train while a slow generator still runs:
     stages wait for their own inputs, not for every generator of the grid."""

@@ -137,6 +137,17 @@ def test_a_refused_command_line_is_one_line_naming_the_fix_without_the_usage(mis
     assert err.startswith("ue: error: ") and says in err, err
 
 
+@pytest.mark.parametrize("command", ["bogus", "fitt"])
+def test_an_unknown_command_is_one_line_naming_every_command(command, capsys):
+    import ue_lightning.cli as cli
+
+    with pytest.raises(SystemExit) as stop:  # LightningCLI listed only its own four subcommands
+        cli.main([command, "--config", "x.yaml"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.rstrip("\n").splitlines()) == 1, err
+    assert f"unknown command '{command}'" in err and all(c in err for c in ("fit", "protect", "grid", "pipeline")), err
+
+
 @pytest.fixture(scope="module")
 def victim_checkpoint(tmp_path_factory) -> Path:
     """A VictimClassifier checkpoint made by `ue fit` (the CLI records the module's class path in it)."""

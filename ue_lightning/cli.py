@@ -16,6 +16,7 @@ import sys
 
 from ue_lightning.lightning_cli import UECLI, build_cli  # noqa: F401  (re-exported: tests and callers use ue_lightning.cli)
 
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")  # LightningCLI's subcommands
 EXTRA_COMMANDS = ("export", "pipeline", "protect", "grid")
 
 TOP_HELP = """usage: ue COMMAND [options]    (ue COMMAND --help: that command's options)
@@ -96,6 +97,10 @@ def _run(argv: list[str] | None) -> None:
             from ue_lightning.pipeline import run_pipeline as command
         CLI(command, args=args[1:], as_positional=False, parser_class=OneLineParser, prog=f"ue {args[0]}")
         return
+    if not args[0].startswith("-") and args[0] not in TRAINER_COMMANDS:
+        print(f"ue: error: unknown command {args[0]!r}: choose one of "
+              f"{', '.join(TRAINER_COMMANDS + EXTRA_COMMANDS)} (`ue --help` says what each does)", file=sys.stderr)
+        sys.exit(2)
     build_cli(argv)  # None: LightningCLI reads sys.argv itself
     _close_process_group()
 

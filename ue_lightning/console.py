@@ -11,6 +11,8 @@ bars off when its output is not a terminal and uses :class:`TransientProgressBar
 
 from __future__ import annotations
 
+import argparse
+
 import difflib
 import importlib
 import inspect
@@ -177,6 +179,17 @@ def _type_name(annotation: str) -> str:
         return f"one of {annotation[len('typing.Literal['):-1]}"
     name = annotation[len("<class '"):-2]
     return "null" if name == "NoneType" else name
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An argparse parser (``ue grid``, its subcommands too) refusing a command line in one ``ue: error:``
+    line naming the fix, exit 2; the usage stays with ``--help``, argparse's own output with ``UE_DEBUG=1``."""
+
+    def error(self, message: str) -> NoReturn:
+        if debugging():
+            super().error(message)
+        print(f"ue: error: {self.prog}: {message} (`{self.prog} --help` lists the options)", file=sys.stderr)
+        self.exit(2)
 
 
 class OneLineParser(OneLineErrors, ArgumentParser):

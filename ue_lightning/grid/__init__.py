@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 
+from ue_lightning.console import OneLineArgumentParser
 from ue_lightning.grid.spec import AXES, Grid, Stage, describe, load_grid, select, stages_for
 
 __all__ = ["Grid", "Stage", "load_grid", "main", "run_grid"]
@@ -63,7 +64,7 @@ def show_table(grid: Grid) -> None:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="ue grid", description=__doc__.split("\n\n")[0],
+    parser = OneLineArgumentParser(prog="ue grid", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.split("\n\n")[1].splitlines()))
     commands = parser.add_subparsers(dest="command", required=True)
