@@ -42,9 +42,19 @@ def test_predict_logs_the_grid_to_tensorboard(tmp_path):
     assert grid.dtype == torch.uint8 and grid.shape[0] == 3 and grid.shape[1] > grid.shape[2]  # 8 rows of 3
 
 
-def test_predict_without_tensorboard_logs_no_grid(tmp_path):
+def test_predict_without_tensorboard_logs_no_grid(tmp_path, monkeypatch):
+    import ue_lightning.callbacks as callbacks
+
+    built = MagicMock(side_effect=perturbation_grid)
+    monkeypatch.setattr(callbacks, "perturbation_grid", built)
     _predict(tmp_path, [CSVLogger(tmp_path)])
     _predict(tmp_path, False)
+    assert built.call_count == 0  # no grid is even drawn without a TensorBoard logger
+    assert not list(tmp_path.rglob("events.out.tfevents*")) and not list(tmp_path.rglob("*.png"))
+    board = MagicMock(spec=TensorBoardLogger)  # the control: with one, the same run draws it once
+    board.name, board.version, board.save_dir, board.log_dir = "tb", 0, str(tmp_path), str(tmp_path)
+    _predict(tmp_path, [CSVLogger(tmp_path), board])
+    assert built.call_count == 1
 
 
 def test_the_grid_reaches_a_real_tensorboard_event_file(tmp_path):
