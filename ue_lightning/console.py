@@ -12,7 +12,6 @@ bars off when its output is not a terminal and uses :class:`TransientProgressBar
 from __future__ import annotations
 
 import argparse
-
 import difflib
 import importlib
 import inspect
