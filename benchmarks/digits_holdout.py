@@ -153,6 +153,8 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="ue fit options of the generator (after --)")
     a = p.parse_args()
     if a.summary:
+        if not Path(a.summary).is_file():
+            raise SystemExit(f"digits_holdout: --summary: no results file {a.summary}: run a setting first, or name one")
         print(summary(Path(a.summary), a.settings.split(",") if a.settings else None))
         return
     if a.method is None:
