@@ -318,3 +318,152 @@ def test_images_are_read_as_displayed_and_written_back_in_their_mode(tmp_path):
         assert back.mode == "RGBA" and np.array_equal(np.asarray(back).transpose(2, 0, 1),
                                                       torch.cat([photo.colour, photo.alpha]).numpy())
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file left"
+
+
+def test_a_batch_gets_the_noise_each_image_gets_alone(protected_run):
+    """Batching is for speed only: the surrogate is in eval mode and the loss a sum, so each image's noise is its own.
+
+    Bound: batched convolutions round differently, and a sign step at a near-zero gradient can flip; at most 1% of
+    the values may differ (0.13% measured on 320 Tiny-ImageNet photos, batch 64 against batch 1), every one inside
+    the budget. Images mixed up between batch rows would differ in about all of them.
+    """
+    from ue_lightning.protect.noise import error_minimizing_delta, error_minimizing_deltas
+    from ue_lightning.protect.surrogate import load_surrogate
+
+    surrogate = load_surrogate(protected_run[1] / "surrogate.ckpt", torch.device("cpu"))
+    torch.manual_seed(0)
+    colours = torch.randint(0, 256, (6, 3, 24, 20), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0])
+    batched = error_minimizing_deltas(surrogate, colours, labels, epsilon=8, steps=5, step_size=2)
+    alone = torch.stack([error_minimizing_delta(surrogate, c, int(y), epsilon=8, steps=5, step_size=2)
+                         for c, y in zip(colours, labels)])
+    assert batched.shape == alone.shape == colours.shape and int(batched.abs().max()) <= 8
+    assert (batched != alone).float().mean() <= 0.01
+    assert (batched[[1, 0]] != alone[:2]).float().mean() > 0.3  # the check above can tell two images apart
+
+
+def test_a_large_image_gets_its_noise_at_the_working_size_stretched_back():
+    from ue_lightning.protect.noise import at_working_size, working_shape
+
+    assert working_shape(96, 128, 32) == (24, 32) and working_shape(30, 20, 32) == (30, 20)
+    assert working_shape(4000, 3000, None) == (4000, 3000)
+    seen = []
+
+    def make_noise(x, y):  # +6/255 on the left half of the working image, -6/255 on the right
+        seen.append(tuple(x.shape))
+        delta = torch.full_like(x, 6 / 255)
+        delta[..., x.shape[-1] // 2:] = -6 / 255
+        return delta
+
+    colours = torch.full((2, 3, 96, 128), 128, dtype=torch.uint8)
+    delta = at_working_size(make_noise, colours, torch.tensor([0, 1]), 6, 32, torch.device("cpu"))
+    assert seen == [(2, 3, 24, 32)] and delta.shape == colours.shape and delta.dtype == torch.int8
+    assert delta[..., :60].eq(6).all() and delta[..., 68:].eq(-6).all() and int(delta.abs().max()) <= 6
+    full = at_working_size(make_noise, colours, torch.tensor([0, 1]), 6, None, torch.device("cpu"))
+    assert seen[-1] == (2, 3, 96, 128) and full.shape == colours.shape
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--verify_share", "0.9", "--verify_share 0.9 must be in (0, 0.5]"),
+    ("--verify_platforms", '["webp:80"]', "'webp:80' is not a platform"),
+    ("--verify_platforms", '["jpeg:200"]', "'jpeg:200' is not a platform"),
+    ("--verify_size", "8", "--verify_size 8 must be at least 16"),
+])
+def test_bad_verify_options_are_refused_before_anything_is_written(protected_run, tmp_path, capsys, option, value,
+                                                                    message):
+    photos = protected_run[0]
+    err = _ue_error(capsys, "--input", str(photos), "--output", str(tmp_path / "o"), "--verify", "true",
+                    option, value)
+    assert message in err and not (tmp_path / "o").exists()
+
+
+def test_verify_needs_class_folders(tmp_path, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (20, 20), "red").save(flat / "a.png")
+    Image.new("RGB", (20, 20), "blue").save(flat / "b.png")
+    err = _ue_error(capsys, "--input", str(flat), "--output", str(tmp_path / "o"), "--verify", "true")
+    assert "--verify needs class folders" in err and not (tmp_path / "o").exists()
+
+
+def test_a_platform_reencodes_or_resizes_the_photo():
+    from ue_lightning.protect.verify import parse_platform
+
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
+    name, jpeg = parse_platform("jpeg:75")
+    out = jpeg(image)
+    assert name == "JPEG 75" and out.shape == image.shape and out.dtype == torch.uint8 and not torch.equal(out, image)
+    name, half = parse_platform("resize:0.5")
+    assert name == "resize x0.5" and half(image).shape == (3, 20, 15)
+
+
+def test_protect_verify_writes_both_accuracies_per_platform_into_the_report(protected_run, tmp_path):
+    """The wiring (tests/test_protect_verify.py checks the verdicts on real digits): a victim per data and platform,
+    each with train and test accuracy, in report.json and report.md, no scratch folder left."""
+    photos, first, _ = protected_run
+    out = tmp_path / "out"
+    protect_folder(str(photos), str(out), checkpoint=str(first / "surrogate.ckpt"), steps=2, device="cpu",
+                   verify=True, verify_size=16, verify_epochs=1, verify_share=0.3,
+                   verify_platforms=["jpeg:75", "resize:0.5"])
+    verify = load_report(out)["verify"]
+    assert list(verify["platforms"]) == ["as written", "JPEG 75", "resize x0.5"]
+    assert verify["test_photos"] == 2 and verify["train_photos"] == 3  # 3 cats and 2 dogs: one of each held out
+    for row in verify["platforms"].values():
+        for data in ("clean", "protected"):
+            assert set(row[data]) == {"train_acc", "test_acc"} and all(0 <= v <= 1 for v in row[data].values())
+        assert row["verdict"] in ("protected", "partly protected", "NOT protected")
+    markdown = (out / "report.md").read_text()
+    assert "## Does a model learn these photos? (--verify)" in markdown and "| JPEG 75 |" in markdown
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no scratch folder left"
+
+
+@pytest.fixture(scope="module")
+def rem_checkpoint(tmp_path_factory) -> Path:
+    """A small RobustNoiseGenerator checkpoint (untrained ResNet-18 at width 4: the noise step's wiring, not its
+    quality), saved as Lightning saves one."""
+    from ue_lightning.modules import RobustNoiseGenerator
+
+    torch.manual_seed(0)
+    generator = RobustNoiseGenerator(num_classes=2, width=4, steps=2, adv_steps=1, eot_samples=2, seed=3)
+    path = tmp_path_factory.mktemp("rem") / "rem.ckpt"
+    torch.save({"hyper_parameters": dict(generator.hparams), "state_dict": generator.state_dict()}, path)
+    return path
+
+
+def test_rem_noise_is_in_budget_at_every_size_and_the_same_in_a_batch_or_alone(protected_run, rem_checkpoint,
+                                                                              tmp_path):
+    """Bound: as for EM, at most 1% of values may differ between batch 32 and batch 1 (float rounding); REM's random
+    draws are keyed by each photo's place in the folder, so they do not."""
+    photos = protected_run[0]
+    outs = {}
+    for batch in (32, 1):
+        out = tmp_path / f"b{batch}"
+        report = protect_folder(str(photos), str(out), checkpoint=str(rem_checkpoint), method="rem", epsilon=6,
+                                batch_size=batch, device="cpu")
+        assert len(report["images"]) == len(GOOD)
+        for entry in report["images"]:
+            assert 0 < entry["max_abs_delta"] <= 6, entry
+        outs[batch] = {p: np.asarray(Image.open(out / p).convert("RGBA")) for p in
+                       [Path(k).with_suffix(".png") for k in GOOD]}
+    differ = sum(int((outs[32][p] != outs[1][p]).sum()) for p in outs[1])
+    total = sum(a.size for a in outs[1].values())
+    assert differ <= 0.01 * total
+
+
+def test_rem_refuses_a_checkpoint_that_is_not_a_robust_generator(protected_run, tmp_path, capsys):
+    photos, first, _ = protected_run
+    err = _ue_error(capsys, "--input", str(photos), "--output", str(tmp_path / "o"), "--method", "rem",
+                    "--checkpoint", str(first / "surrogate.ckpt"))  # an EM generator
+    assert "is not a RobustNoiseGenerator checkpoint" in err and not (tmp_path / "o").exists()
+
+
+def test_ssim_of_a_large_photo_is_that_of_its_central_square():
+    from ue_lightning.protect.report import SSIM_MAX_SIDE, image_quality
+
+    torch.manual_seed(0)
+    clean = torch.randint(0, 256, (3, 40, SSIM_MAX_SIDE + 60), dtype=torch.uint8)
+    protected = clean.clone()
+    protected[..., :30] = 255 - protected[..., :30]  # changed only outside the central square
+    quality = image_quality(clean, protected)
+    assert quality["ssim"] == pytest.approx(1.0) and quality["psnr_db"] < 25 and quality["max_abs_delta"] > 100

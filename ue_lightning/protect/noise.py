@@ -1,6 +1,14 @@
-"""The noise of one image at its own size: PGD descent on a frozen surrogate (sample-wise), or a class pattern."""
+"""The noise of a batch of same-size images: PGD descent on a frozen surrogate (sample-wise), or a class pattern.
+
+Large photos get their noise at a working size (:func:`working_shape`): PGD runs on the image
+shrunk so its longer side is ``working_size``, and the noise is stretched back over the full
+image. A model that trains on photos shrinks them to its input size (224 px or less), so noise
+made at full resolution would be averaged away there; and PGD at 12 MP costs ~100x more.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -10,30 +18,76 @@ from ue_lightning.attacks import budget_to_pixels, logit_margin_sum, pgd_minimiz
 from ue_lightning.data.noise_file import quantize_delta
 from ue_lightning.protect.surrogate import Surrogate, match_channels
 
+#: ``(x (B, C, h, w) in [0, 1], labels (B,)) -> float noise (B, C, h, w), pixel units``.
+PixelNoise = Callable[[Tensor, Tensor], Tensor]
 
-def error_minimizing_delta(surrogate: Surrogate, colour: Tensor, label: int, *, epsilon: float, steps: int,
-                           step_size: float) -> Tensor:
-    """int8 noise (C, H, W) in 1/255 units for the uint8 image ``colour`` (C, H, W), 0-255.
+
+def working_shape(height: int, width: int, working_size: int | None) -> tuple[int, int]:
+    """(h, w) the noise of an image of ``height x width`` pixels is made at: the image itself when its longer side
+    is at most ``working_size`` (or ``working_size`` is None), else shrunk (aspect kept) to that longer side."""
+    longer = max(height, width)
+    if working_size is None or longer <= working_size:
+        return height, width
+    scale = working_size / longer
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def at_working_size(make_noise: PixelNoise, colours: Tensor, labels: Tensor, epsilon: float,
+                    working_size: int | None, device: torch.device) -> Tensor:
+    """int8 noise (B, C, H, W) in 1/255 units for uint8 images ``colours`` (B, C, H, W), 0-255, of one size.
+
+    ``make_noise`` runs at :func:`working_shape` (images shrunk with antialiasing); its noise is
+    stretched back (bilinear: values stay inside the budget) and rounded against the full
+    images, so ``colours + delta`` stays in 0-255 and ``|delta| <= floor(epsilon)``.
+    """
+    full = list(colours.shape[-2:])
+    small = list(working_shape(*full, working_size))
+    x = colours.to(device=device, dtype=torch.float32) / 255.0
+    if small != full:
+        x = TF.resize(x, small, antialias=True).clamp(0.0, 1.0)
+    delta = make_noise(x, labels.to(device))
+    if small != full:
+        delta = TF.resize(delta, full, antialias=False)
+    return quantize_delta(colours, delta.cpu(), epsilon)
+
+
+def error_minimizing_deltas(surrogate: Surrogate, colours: Tensor, labels: Tensor, *, epsilon: float, steps: int,
+                            step_size: float, working_size: int | None = None) -> Tensor:
+    """int8 noise (B, C, H, W) in 1/255 units for a batch of same-size uint8 images ``colours`` (B, C, H, W).
 
     ``steps`` sign steps of ``step_size`` (1/255 units) from zero, descending the surrogate's
-    loss for ``label`` within ``epsilon`` (1/255 units); input gradients only
+    loss for ``labels`` (B,) within ``epsilon`` (1/255 units); input gradients only
     (:func:`~ue_lightning.attacks.pgd_minimize`). The loss is the logit margin, whose sign
     steps are cross-entropy's, because a surrogate that knows the image already has a
-    cross-entropy gradient of exactly zero (no noise at all) in float32. Rounded to nearest against the image,
-    ``colour + delta`` stays in 0-255 and ``|delta| <= floor(epsilon)``.
+    cross-entropy gradient of exactly zero (no noise at all) in float32. The surrogate is in
+    eval mode and the loss a sum, so each image's noise is the one it gets alone (batching
+    changes only float rounding). At :func:`working_shape` for large images.
     """
     device = next(surrogate.model.parameters()).device
-    x = colour.unsqueeze(0).to(device=device, dtype=torch.float32) / 255.0
-    y = torch.tensor([label], device=device)
-    delta = pgd_minimize(logit_margin_sum(surrogate, y), x, radius=budget_to_pixels(epsilon, "epsilon"),
-                         step_size=budget_to_pixels(step_size, "step_size"), steps=steps)
-    return quantize_delta(colour.unsqueeze(0), delta.cpu(), epsilon)[0]
+    radius, alpha = budget_to_pixels(epsilon, "epsilon"), budget_to_pixels(step_size, "step_size")
+
+    def descend(x: Tensor, y: Tensor) -> Tensor:
+        return pgd_minimize(logit_margin_sum(surrogate, y), x, radius=radius, step_size=alpha, steps=steps)
+
+    return at_working_size(descend, colours, labels, epsilon, working_size, device)
+
+
+def error_minimizing_delta(surrogate: Surrogate, colour: Tensor, label: int, *, epsilon: float, steps: int,
+                           step_size: float, working_size: int | None = None) -> Tensor:
+    """int8 noise (C, H, W) in 1/255 units for one uint8 image ``colour`` (C, H, W): :func:`error_minimizing_deltas`."""
+    return error_minimizing_deltas(surrogate, colour.unsqueeze(0), torch.tensor([label]), epsilon=epsilon,
+                                   steps=steps, step_size=step_size, working_size=working_size)[0]
+
+
+def predicted_labels(surrogate: Surrogate, colours: Tensor) -> Tensor:
+    """int64 (B,): the surrogate's class for each clean uint8 image of ``colours`` (B, C, H, W), a flat set's labels."""
+    device = next(surrogate.model.parameters()).device
+    return surrogate.predict(colours.to(device=device, dtype=torch.float32) / 255.0).cpu()
 
 
 def predicted_label(surrogate: Surrogate, colour: Tensor) -> int:
     """The surrogate's class for the clean uint8 image ``colour`` (C, H, W): a flat set's label."""
-    device = next(surrogate.model.parameters()).device
-    return int(surrogate.predict(colour.unsqueeze(0).to(device=device, dtype=torch.float32) / 255.0)[0])
+    return int(predicted_labels(surrogate, colour.unsqueeze(0))[0])
 
 
 def class_pattern_delta(pattern: Tensor, colour: Tensor, epsilon: float) -> Tensor:

@@ -25,13 +25,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Literal
 
+import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from ue_lightning.data import UEDataModule
 from ue_lightning.data.datamodule import stratified_subset
+from ue_lightning.modules import ErrorMinimizingNoise, RobustNoiseGenerator
 from ue_lightning.protect.images import ImageJob, UnreadableImage, read_photo
 from ue_lightning.scratch import atomic_write_bytes, scratch_dir
 
@@ -95,6 +98,31 @@ def training_images(jobs: list[ImageJob], classes: list[str], mode: Literal["sam
     return torch.cat(images), np.repeat(per_image, len(images[0]))
 
 
+def fit_and_save(generator: L.LightningModule, images: Tensor, labels: np.ndarray, checkpoint: Path, *,
+                 batch_size: int, seed: int, accelerator: str, max_steps: int = -1) -> Path:
+    """Fit ``generator`` on ``images`` (uint8 (N, 3, s, s)) with ``labels``, unaugmented, in batches of
+    ``batch_size``, until it stops (or ``max_steps``); save its checkpoint to ``checkpoint``, atomically."""
+    if len(np.unique(labels)) < 2:
+        raise ValueError("a quick surrogate needs images of at least two classes (or two images in a flat folder): "
+                         "add images, or pass --checkpoint")
+    work = scratch_dir(checkpoint, ".train")
+    try:
+        data = work / "images.npz"
+        nhwc = images.permute(0, 2, 3, 1).numpy()
+        np.savez(data, x_train=nhwc, y_train=labels, x_test=nhwc[:1], y_test=labels[:1])
+        dm = UEDataModule("npz", root=str(data), batch_size=min(batch_size, len(images)), augment=False, seed=seed)
+        with quiet_lightning():
+            trainer = L.Trainer(max_epochs=-1, max_steps=max_steps, accelerator=accelerator, devices=1, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                default_root_dir=str(work), inference_mode=False)
+            trainer.fit(generator, datamodule=dm)
+            trainer.save_checkpoint(work / "surrogate.ckpt")
+        atomic_write_bytes(checkpoint, (work / "surrogate.ckpt").read_bytes())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return checkpoint
+
+
 def train_quick_surrogate(images: Tensor, labels: np.ndarray, checkpoint: Path, *,
                           mode: Literal["samplewise", "classwise"], epsilon: float, seed: int,
                           accelerator: str = "auto") -> Path:
@@ -106,50 +134,50 @@ def train_quick_surrogate(images: Tensor, labels: np.ndarray, checkpoint: Path, 
     small folder's clean images in one round, and cross-entropy's gradient is then exactly
     zero for them in float32 (no noise at all for whole classes).
     """
-    import lightning as L
-
-    from ue_lightning.data import UEDataModule
-    from ue_lightning.modules import ErrorMinimizingNoise
-
-    if len(np.unique(labels)) < 2:
-        raise ValueError("a quick surrogate needs images of at least two classes (or two images in a flat folder): "
-                         "add images, or pass --checkpoint")
     size = images.shape[-1]
-    work = scratch_dir(checkpoint, ".train")
-    try:
-        data = work / "images.npz"
-        nhwc = images.permute(0, 2, 3, 1).numpy()
-        np.savez(data, x_train=nhwc, y_train=labels, x_test=nhwc[:1], y_test=labels[:1])
-        dm = UEDataModule("npz", root=str(data), batch_size=min(64, len(images)), augment=False, seed=seed)
-        em = ErrorMinimizingNoise(num_classes=int(labels.max()) + 1, in_channels=3, image_size=size, width=WIDTH,
-                                  mode=mode, epsilon=epsilon, step_size=epsilon / 10, steps=10, train_steps=10,
-                                  max_rounds=MAX_ROUNDS, eot_padding=size // 8, classwise_subset=1.0,
-                                  noise_loss="logit_margin", seed=seed)
-        with _quiet_lightning():
-            trainer = L.Trainer(max_epochs=-1, accelerator=accelerator, devices=1, logger=False,
-                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                default_root_dir=str(work), inference_mode=False)
-            trainer.fit(em, datamodule=dm)
-            trainer.save_checkpoint(work / "surrogate.ckpt")
-        atomic_write_bytes(checkpoint, (work / "surrogate.ckpt").read_bytes())
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return checkpoint
+    em = ErrorMinimizingNoise(num_classes=int(labels.max()) + 1, in_channels=3, image_size=size, width=WIDTH,
+                              mode=mode, epsilon=epsilon, step_size=epsilon / 10, steps=10, train_steps=10,
+                              max_rounds=MAX_ROUNDS, eot_padding=size // 8, classwise_subset=1.0,
+                              noise_loss="logit_margin", seed=seed)
+    return fit_and_save(em, images, labels, checkpoint, batch_size=64, seed=seed, accelerator=accelerator)
+
+
+#: The quick REM generator's budget (REM's CIFAR-10 run: 10 noise steps x 5 EOT draws x 10 adversary steps, 5000
+#: SGD steps of 128): 4 noise steps, one EOT draw, a one-step adversary (random start, a step of its radius), 150
+#: SGD steps of 32; 10 passes a step. Its time and protection: benchmarks/RESULTS.md ("Data owners").
+QUICK_ROBUST = dict(steps=4, eot_samples=1, adv_steps=1, batch_size=32, max_steps=150, lr_decay_steps=100)
+
+
+def train_quick_robust(images: Tensor, labels: np.ndarray, checkpoint: Path, *, epsilon: float, seed: int,
+                       accelerator: str = "auto") -> Path:
+    """Fit REM (min-min-max: :class:`~ue_lightning.modules.RobustNoiseGenerator`) on ``images`` (uint8 (N, 3, s, s))
+    at the :data:`QUICK_ROBUST` budget, adversary at half of ``epsilon`` (1/255 units; REM's rho_a 4 against rho_u
+    8), and save it to ``checkpoint``, atomically."""
+    q = QUICK_ROBUST
+    rem = RobustNoiseGenerator(num_classes=int(labels.max()) + 1, in_channels=3, image_size=images.shape[-1],
+                               width=WIDTH, epsilon=epsilon, step_size=max(epsilon / 5, 0.25), steps=q["steps"],
+                               adv_radius=epsilon / 2, adv_step_size=max(epsilon / 2, 0.25), adv_steps=q["adv_steps"],
+                               eot_samples=q["eot_samples"], lr_decay_steps=q["lr_decay_steps"], seed=seed)
+    return fit_and_save(rem, images, labels, checkpoint, batch_size=q["batch_size"], seed=seed,
+                        accelerator=accelerator, max_steps=q["max_steps"])
 
 
 def fit_quick_surrogate(jobs: list[ImageJob], classes: list[str], checkpoint: Path, *,
-                        mode: Literal["samplewise", "classwise"], epsilon: float, seed: int,
+                        mode: Literal["samplewise", "classwise", "robust"], epsilon: float, seed: int,
                         device: torch.device) -> Path:
     """Read the training images of ``jobs``, fit the quick surrogate, save it to ``checkpoint``."""
-    images, labels = training_images(jobs, classes, mode, seed)
+    images, labels = training_images(jobs, classes, "classwise" if mode == "classwise" else "samplewise", seed)
     print(f"training a quick {mode} surrogate on {len(images)} images of {WORKING_SIZE}x{WORKING_SIZE} "
           f"({len(np.unique(labels))} classes) ...", file=sys.stderr, flush=True)
+    accelerator = "cpu" if device.type == "cpu" else "auto"
+    if mode == "robust":
+        return train_quick_robust(images, labels, checkpoint, epsilon=epsilon, seed=seed, accelerator=accelerator)
     return train_quick_surrogate(images, labels, checkpoint, mode=mode, epsilon=epsilon, seed=seed,
-                                 accelerator="cpu" if device.type == "cpu" else "auto")
+                                 accelerator=accelerator)
 
 
 @contextmanager
-def _quiet_lightning() -> Iterator[None]:
+def quiet_lightning() -> Iterator[None]:
     """Lightning's INFO lines (devices, stop reasons) and its small-data warnings, silenced for a run."""
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels = [logger.level for logger in loggers]

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ue_lightning.models.checkpoint import classifier_from_weights, load_checkpoint_file, read_classifier_checkpoint
+from ue_lightning.models.checkpoint import (check_fits, classifier_from_weights, load_checkpoint_file, load_weights,
+                                           read_classifier_checkpoint)
+from ue_lightning.modules.robust import RobustNoiseGenerator
 
 SURROGATES = "ErrorMinimizingNoise or RobustNoiseGenerator (ue fit --config configs/data/<data>.yaml --config configs/generator/em-*.yaml)"
 FIX = ("pass the last.ckpt of a generator fit, or leave --checkpoint out to train a quick surrogate on the "
@@ -83,3 +85,29 @@ def load_class_noise(path: str | Path) -> Tensor:
                          "`ue fit ... --config configs/generator/em-classwise.yaml`): use --method em with it, or "
                          "leave --checkpoint out to train a quick class-wise generator on the folder")
     return noise.float()
+
+
+ROBUST = "RobustNoiseGenerator (ue fit --config configs/data/<data>.yaml --config configs/generator/rem.yaml)"
+
+
+def load_robust_generator(path: str | Path, device: torch.device, epsilon: float) -> RobustNoiseGenerator:
+    """The RobustNoiseGenerator of the checkpoint at ``path`` (read with ``weights_only=True``), frozen, with its
+    noise budget set to ``epsilon`` (1/255 units; alpha_u at REM's ratio, epsilon / 5) and no score step: REM's
+    noise step (min over delta_u of the loss under its PGD adversary, over random crops and flips) at any size."""
+    hp, weights = read_classifier_checkpoint(path, name="--checkpoint", expected=ROBUST, fix=FIX)
+    if "adv_radius" not in hp:
+        raise ValueError(f"--checkpoint {path} is not a RobustNoiseGenerator checkpoint (--method rem makes REM's noise "
+                         f"with its adversarially trained surrogate): {FIX}, or use --method em with it")
+    accepted = ("arch", "num_classes", "in_channels", "image_size", "width", "steps", "adv_radius", "adv_step_size",
+                "adv_steps", "eot_samples", "eot_padding", "eot_flip", "form", "start", "seed")
+    kwargs = {k: hp[k] for k in accepted if k in hp}
+
+    def build() -> RobustNoiseGenerator:
+        return RobustNoiseGenerator(**kwargs, epsilon=epsilon, step_size=max(epsilon / 5, 0.25))
+
+    with torch.device("meta"):
+        skeleton = build()
+    check_fits(skeleton.model, weights, name=f"--checkpoint {path}", what=f"{hp['arch']} (width={hp.get('width')})")
+    generator = build()
+    load_weights(generator.model, weights, name=f"--checkpoint {path}", what=hp["arch"])
+    return generator.eval().requires_grad_(False).to(device)
