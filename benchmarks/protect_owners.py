@@ -42,13 +42,15 @@ def run(args: argparse.Namespace) -> None:
     labels = np.asarray([classes.index(j.class_name) for j in jobs])
     folders = dict(spec.split("=", 1) for spec in args.protected)
     images = {"clean": load(None, jobs), **{name: load(Path(f), jobs) for name, f in folders.items()}}
+    trained = [name for name in images if name != "clean" or not args.no_clean]
     victim = VictimSettings(size=args.size, epochs=args.epochs)
     for seed in args.seeds:
         test = held_out(labels, args.share, seed)
         test_x = torch.stack([victim_input(c, victim.size, None) for c, t in zip(images["clean"], test) if t])
         for spec in args.platforms:
             name, fn = ("as written", None) if spec == "as written" else parse_platform(spec)
-            for data, photos in images.items():
+            for data in trained:
+                photos = images[data]
                 if (data, name, seed) in done:
                     continue
                 start = time.time()
@@ -64,10 +66,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def summary(args: argparse.Namespace) -> None:
-    path = Path(args.results)
-    if not path.is_file():
-        sys.exit(f"--results {path} does not exist: run this script without --summary first")
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for path in map(Path, args.results.split(",")):
+        if not path.is_file():
+            sys.exit(f"--results {path} does not exist: run this script without --summary first")
+    rows = [json.loads(line) for p in args.results.split(",") for line in Path(p).read_text().splitlines()]
     cells: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         cells.setdefault((r["platform"], r["data"]), []).append(r)
@@ -95,9 +97,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--platforms", nargs="+", default=["as written", "jpeg:75", "resize:0.5"])
     parser.add_argument("--share", type=float, default=0.1)
+    parser.add_argument("--no_clean", action="store_true", help="skip the clean victims (another run trains them)")
     parser.add_argument("--size", type=int, default=VictimSettings.size)
     parser.add_argument("--epochs", type=int, default=VictimSettings.epochs)
-    parser.add_argument("--results", required=True)
+    parser.add_argument("--results", required=True, help="a JSON-lines file (--summary: several, comma-separated)")
     parser.add_argument("--summary", action="store_true")
     args = parser.parse_args()
     summary(args) if args.summary else run(args)

@@ -240,3 +240,19 @@ def test_narrow_model_trains_without_corrupting_the_heap() -> None:
         "print('trained')\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "trained" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_in_mode_restores_the_mode_and_the_gradient_flags_even_after_an_error():
+    import pytest
+    import torch
+
+    from ue_lightning.models import in_mode
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    net.train()
+    net[0].bias.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="inside"):
+        with in_mode(net, False, frozen=True):
+            assert not net.training and not any(p.requires_grad for p in net.parameters())
+            raise RuntimeError("inside")
+    assert net.training and net[0].weight.requires_grad and not net[0].bias.requires_grad

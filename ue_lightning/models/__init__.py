@@ -5,7 +5,7 @@ All classifiers take pixels in ``[0, 1]`` and normalise internally; see
 """
 
 from .airbench import PatchWhitening, airbench_classifier
-from .batchnorm import batchnorm_statistics_frozen
+from .batchnorm import batchnorm_statistics_frozen, in_mode
 from .cifar import cifar_densenet121, cifar_resnet18, cifar_resnet50, cifar_vgg16, cifar_wrn34_10
 from .imagenet import imagenet_classifier
 from .normalize import (
@@ -33,6 +33,7 @@ __all__ = [
     "ScoreNet",
     "airbench_classifier",
     "batchnorm_statistics_frozen",
+    "in_mode",
     "build_classifier",
     "cifar_densenet121",
     "cifar_resnet18",

@@ -1,4 +1,4 @@
-"""BatchNorm helpers for attacks that run a network in train mode without changing it."""
+"""Mode helpers for attacks and passes that run a network without changing it: its train/eval mode and BatchNorm."""
 
 from __future__ import annotations
 
@@ -25,3 +25,20 @@ def batchnorm_statistics_frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for m in layers:
             m.track_running_stats = True
+
+
+@contextmanager
+def in_mode(model: nn.Module, training: bool, frozen: bool = False) -> Iterator[None]:
+    """Within the block, ``model`` is in train mode (``training``) or eval mode, and with ``frozen`` its
+    parameters do not require gradients; both are restored on exit, an exception included."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()] if frozen else []
+    model.train(training)
+    if frozen:
+        model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)

@@ -63,7 +63,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, logit_margin_sum, pgd_minimize, project_linf
 from ue_lightning.data.datamodule import stratified_subset
-from ue_lightning.models import batchnorm_statistics_frozen, build_classifier
+from ue_lightning.models import batchnorm_statistics_frozen, build_classifier, in_mode
 from ue_lightning.augment import random_crop_flip
 from ue_lightning.console import progress
 from ue_lightning.modules.generator_base import StoredNoiseGenerator
@@ -333,13 +333,8 @@ class ErrorMinimizingNoise(StoredNoiseGenerator):
     @contextmanager
     def frozen_surrogate(self) -> Iterator[None]:
         """The surrogate as the noise pass uses it: BatchNorm in ``pass_mode``, running statistics untouched."""
-        was_training = self.model.training
-        self.model.train(self.hparams.pass_mode == "train")
-        try:
-            with batchnorm_statistics_frozen(self.model):
-                yield
-        finally:
-            self.model.train(was_training)
+        with in_mode(self.model, self.hparams.pass_mode == "train"), batchnorm_statistics_frozen(self.model):
+            yield
 
     # ------------------------------------------------------------------ noise passes
     def _pass_loader(self, which: Literal["all", "classwise_subset"]) -> DataLoader:

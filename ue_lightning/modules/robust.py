@@ -41,7 +41,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ue_lightning.attacks import (box_start, budget_to_pixels, cross_entropy_sum, input_gradient, pgd_maximize,
                                   project_linf)
 from ue_lightning.augment import random_crop_flip
-from ue_lightning.models import build_classifier
+from ue_lightning.models import build_classifier, in_mode
 from ue_lightning.modules.generator_base import NoiseGenerator, round_to_pixel_grid
 from ue_lightning.modules.unregistered import Unregistered
 from ue_lightning.sample_rng import indexed_uniform, salt_of
@@ -245,16 +245,8 @@ class RobustNoiseGenerator(NoiseGenerator):
     @contextmanager
     def inner_loop(self, mode: Literal["eval", "train"]) -> Iterator[None]:
         """Surrogate frozen (no parameter gradients) and BatchNorm in ``mode``; restored on exit."""
-        was_training = self.model.training
-        flags = [p.requires_grad for p in self.model.parameters()]
-        self.model.train(mode == "train")
-        self.model.requires_grad_(False)
-        try:
+        with in_mode(self.model, mode == "train", frozen=True):
             yield
-        finally:
-            for p, flag in zip(self.model.parameters(), flags):
-                p.requires_grad_(flag)
-            self.model.train(was_training)
 
     def generate(self, x: Tensor, y: Tensor, index: Tensor) -> Tensor:
         """The final noise (``ue predict``): step 1 from its start point, BatchNorm in eval mode."""

@@ -34,6 +34,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ue_lightning.console import progress
 from ue_lightning.data.datamodule import ProtectedImages
+from ue_lightning.models import in_mode
 from ue_lightning.modules.simclr import SimCLRNet, nt_xent, simclr_views
 from ue_lightning.modules.unregistered import Unregistered
 from ue_lightning.padding import first_occurrences
@@ -185,14 +186,12 @@ class SimCLRVictim(L.LightningModule):
         sampler = (DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
                    if trainer.world_size > 1 else None)
         loader = DataLoader(dataset, batch_size=dm.eval_batch_size, sampler=sampler, num_workers=dm.num_workers)
-        was_training = self.net.training
-        self.net.eval()
         feats, labels, index = [], [], []
-        for x, y, i in progress(loader, desc="probe: features", trainer=trainer):
-            feats.append(self.net.features(x.to(self.device)))
-            labels.append(y.to(self.device))
-            index.append(i.to(self.device))
-        self.net.train(was_training)
+        with in_mode(self.net, False):
+            for x, y, i in progress(loader, desc="probe: features", trainer=trainer):
+                feats.append(self.net.features(x.to(self.device)))
+                labels.append(y.to(self.device))
+                index.append(i.to(self.device))
         feats, labels, index = torch.cat(feats), torch.cat(labels), torch.cat(index)
         if trainer.world_size > 1:  # equal shards (the sampler pads), so one gather; padding repeats dropped
             feats, labels, index = (self.all_gather(t).flatten(0, 1) for t in (feats, labels, index))

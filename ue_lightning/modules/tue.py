@@ -31,6 +31,7 @@ from ue_lightning.attacks import budget_to_pixels, pgd_minimize, project_linf
 from ue_lightning.augment import random_crop_flip
 from ue_lightning.console import progress
 from ue_lightning.data.datamodule import ProtectedImages
+from ue_lightning.models import in_mode
 from ue_lightning.modules.generator_base import StoredNoiseGenerator
 from ue_lightning.modules.simclr import SimCLRNet, classwise_separability, nt_xent, simclr_views
 from ue_lightning.noise_store import CHUNK_BYTES, StoreKind
@@ -260,20 +261,18 @@ class TransferableNoise(StoredNoiseGenerator):
     def noise_pass(self) -> None:
         """Update the noise of every train sample (PGD descent, warm start), sharded over ranks."""
         h = self.hparams
-        was_training = self.net.training
-        self.net.eval()
         csd_sum, batches = 0.0, 0
-        for x, y, index in progress(self._noise_loader(), desc=f"TUE noise pass {self.noise_passes + 1}",
-                                    trainer=self.trainer):
-            x, y = x.to(self.device), y.to(self.device)
-            objective = self.noise_objective(x, y, index.to(self.device))
-            delta = pgd_minimize(objective, x, radius=self.radius_px, step_size=self.step_size_px, steps=h.steps,
-                                 init=self._noise_for(index).to(x))
-            with torch.no_grad():
-                csd_sum += float(classwise_separability(delta, y))
-            batches += 1
-            self._store_batch(index, delta)  # every rank's shard, the padding's repeats in a batch dropped
-        self.net.train(was_training)
+        with in_mode(self.net, False):
+            for x, y, index in progress(self._noise_loader(), desc=f"TUE noise pass {self.noise_passes + 1}",
+                                        trainer=self.trainer):
+                x, y = x.to(self.device), y.to(self.device)
+                objective = self.noise_objective(x, y, index.to(self.device))
+                delta = pgd_minimize(objective, x, radius=self.radius_px, step_size=self.step_size_px,
+                                     steps=h.steps, init=self._noise_for(index).to(x))
+                with torch.no_grad():
+                    csd_sum += float(classwise_separability(delta, y))
+                batches += 1
+                self._store_batch(index, delta)  # every rank's shard, the padding's repeats in a batch dropped
         self.noise_passes += 1
         self._check_ranks_agree(f"after noise pass {self.noise_passes}")
         self.log("noise/csd", csd_sum / max(1, batches), prog_bar=True, sync_dist=True)

@@ -11,7 +11,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, pgd_maximize
-from ue_lightning.models import PatchWhitening, build_classifier
+from ue_lightning.models import PatchWhitening, build_classifier, in_mode
 from ue_lightning.modules.optim import sgd_with_schedule
 
 #: Train images (per process) whose 2x2 patches set the airbench whitening layer.
@@ -155,11 +155,9 @@ class VictimClassifier(L.LightningModule):
 
     def adversarial(self, x: Tensor, y: Tensor) -> Tensor:
         """PGD examples at ``adv_radius`` (random start), BatchNorm in ``attack_mode``."""
-        was_training = self.model.training
-        self.model.train(self.hparams.attack_mode == "train")
-        delta = pgd_maximize(cross_entropy_sum(self.model, y), x, radius=self.adv_radius_px,
-                             step_size=self.adv_step_size_px, steps=self.hparams.adv_steps, random_start=True)
-        self.model.train(was_training)
+        with in_mode(self.model, self.hparams.attack_mode == "train"):
+            delta = pgd_maximize(cross_entropy_sum(self.model, y), x, radius=self.adv_radius_px,
+                                 step_size=self.adv_step_size_px, steps=self.hparams.adv_steps, random_start=True)
         return x + delta
 
     def views_loss(self, views: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
