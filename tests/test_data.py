@@ -352,3 +352,29 @@ def test_a_module_seed_unlike_the_data_seed_is_accepted(tmp_path):
                         enable_progress_bar=False, enable_model_summary=False, inference_mode=False)
     trainer.fit(module, datamodule=dm)
     assert dm.hparams["data_seed"] == 0 and "seed" not in dm.hparams and module.hparams["seed"] == 1
+
+
+def test_train_images_are_the_train_samples_in_order_clean_or_as_the_victim_gets_them(tmp_path):
+    """What EM and TUE make noise for (every train sample, val included) and what the SimCLR probe reads (the victim's
+    samples, noised as served, without augmentation)."""
+    import torch
+
+    from ue_lightning.data import UEDataModule
+    from ue_lightning.data.noise_file import NoiseFile, NoiseMetadata
+
+    dm = UEDataModule("digits", val_fraction=0.2, seed=0)
+    clean = dm.train_images()
+    assert [clean[k][2] for k in range(len(clean))] == dm.train_indices().tolist()
+    image, label, index = clean[3]
+    assert image.dtype == torch.float32 and 0 <= float(image.min()) and float(image.max()) <= 1
+    delta = torch.full((len(dm.clean_split("train")), *dm.clean_split("train").image_shape), 4, dtype=torch.int8)
+    path = tmp_path / "noise.safetensors"
+    NoiseFile.write(path, delta, NoiseMetadata(method="t", epsilon=8, classwise=False,
+                                               fingerprint=dm.clean_split("train").fingerprint()))
+    noised = UEDataModule("digits", val_fraction=0.2, seed=0, perturbation=str(path))
+    noised.setup("fit")
+    victim = noised.train_images("victim", noised=True)
+    assert [victim[k][2] for k in range(len(victim))] == noised.victim_indices().tolist()
+    first = victim[0]
+    plain = noised.train_images("victim")[0]
+    assert first[2] == plain[2] and torch.allclose(first[0], (plain[0] * 255 + 4).clamp(0, 255) / 255, atol=1e-6)

@@ -325,11 +325,31 @@ class UEDataModule(L.LightningDataModule):
         self.val_set = Subset(held_out, val.tolist()) if len(val) else None
         if self.val_set is None and self.trainer is not None:
             self.trainer.limit_val_batches = 0  # no validation data: Lightning skips validation without a warning
-        plain = v2.ToDtype(torch.float32, scale=True)
         if self.predict_split == "train":  # noise generation: clean, unaugmented, full stored size
-            self.predict_set = Subset(ProtectedImages(self.clean_split("train"), plain), self.train_indices().tolist())
+            self.predict_set = self.train_images()
         else:
-            self.predict_set = ProtectedImages(test, plain)
+            self.predict_set = ProtectedImages(test, v2.ToDtype(torch.float32, scale=True))
+
+    def train_images(self, samples: Literal["all", "victim"] = "all", noised: bool = False,
+                     transform: v2.Transform | None = None) -> Subset:
+        """The train samples in order and unaugmented, as ``(image, label, index)`` (``index`` into the whole split).
+
+        Args:
+            samples: ``all``: every sample of :meth:`train_indices` (what a generator makes noise for, the
+                held-out validation samples included); ``victim``: the samples a victim trains on
+                (:meth:`victim_indices`).
+            noised: the images as the victim's train set holds them (needs ``setup``): with the noise file's
+                delta on the samples it protects, purified if ``purify_with``; otherwise clean.
+            transform: uint8 image -> float image in [0, 1] (None: to float at the stored size).
+        """
+        transform = v2.ToDtype(torch.float32, scale=True) if transform is None else transform
+        indices = self.train_indices() if samples == "all" else self.victim_indices()
+        if not noised:
+            return Subset(ProtectedImages(self.clean_split("train"), transform), indices.tolist())
+        if getattr(self, "train_set", None) is None:
+            raise RuntimeError("train_images(noised=True) reads the train set the DataModule set up: call setup() first")
+        served = self.train_set.dataset
+        return Subset(ProtectedImages(served.base, transform, served.noise, served.mask), indices.tolist())
 
     def _purified(self, train: CleanImages, indices: Tensor, noise: NoiseFile | None,
                   mask: Tensor | None) -> PurifiedImages:

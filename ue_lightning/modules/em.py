@@ -346,10 +346,7 @@ class ErrorMinimizingNoise(StoredNoiseGenerator):
         """
         dm = self.trainer.datamodule
         if self._pass_dataset is None:
-            if getattr(dm, "predict_split", "train") != "train":
-                raise ValueError("EM iterates the clean train set through predict_dataloader(): set "
-                                 "`data.predict_split: train`")
-            self._pass_dataset = dm.predict_dataloader().dataset
+            self._pass_dataset = dm.train_images()
         dataset: Dataset = self._pass_dataset
         if which == "classwise_subset":
             labels = dm.clean_split("train").targets[dm.train_indices()]

@@ -29,11 +29,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from ue_lightning.console import progress
-from ue_lightning.data.datamodule import ProtectedImages
 from ue_lightning.models import in_mode
 from ue_lightning.modules.simclr import SimCLRNet, nt_xent, simclr_views
 from ue_lightning.modules.unregistered import Unregistered
@@ -88,13 +87,10 @@ def probe_evaluations(steps: int) -> int:
 
 def probe_train_set(datamodule: L.LightningDataModule, protected: bool) -> Dataset:
     """The DataModule's train samples without augmentation (the test transform), with or without their noise."""
-    train, test = getattr(datamodule, "train_set", None), getattr(datamodule, "test_set", None)
-    if not (isinstance(train, Subset) and isinstance(train.dataset, ProtectedImages) and test is not None):
+    test = getattr(datamodule, "test_set", None)
+    if not hasattr(datamodule, "train_images") or test is None:
         raise TypeError("SimCLRVictim's linear probe reads the UEDataModule's train and test sets; use UEDataModule")
-    base = train.dataset
-    images = (ProtectedImages(base.base, test.transform, base.noise, base.mask) if protected
-              else ProtectedImages(base.base, test.transform))
-    return Subset(images, list(train.indices))
+    return datamodule.train_images("victim", noised=protected, transform=test.transform)
 
 
 class SimCLRVictim(L.LightningModule):

@@ -23,14 +23,12 @@ from typing import Any, Literal, Sequence
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.transforms import v2
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from ue_lightning.attacks import budget_to_pixels, pgd_minimize, project_linf
 from ue_lightning.augment import random_crop_flip
 from ue_lightning.console import progress
-from ue_lightning.data.datamodule import ProtectedImages
 from ue_lightning.models import in_mode
 from ue_lightning.modules.generator_base import StoredNoiseGenerator
 from ue_lightning.modules.simclr import SimCLRNet, classwise_separability, nt_xent, simclr_views
@@ -169,8 +167,7 @@ class TransferableNoise(StoredNoiseGenerator):
                                  "set `data.augment: false`")
             if dm.perturbation is not None:
                 raise ValueError("TransferableNoise generates noise for clean data: unset `data.perturbation`")
-            self._noise_set = Subset(ProtectedImages(dm.clean_split("train"), v2.ToDtype(torch.float32, scale=True)),
-                                     dm.train_indices().tolist())
+            self._noise_set = dm.train_images()
         super().setup(stage)
 
     def _extra_state(self) -> dict[str, Any]:

@@ -75,6 +75,13 @@ def _cell(value: Any, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _steps(settings: dict[str, Any]) -> str:
+    """How the noise was made, in a few words."""
+    if settings["method"] == "em":
+        return f"{settings['steps']} PGD steps"
+    return "one pattern a class" if settings["method"] == "em-classwise" else "its generator's own noise steps"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The short human-readable form of ``report``."""
     s, settings = report["summary"], report["settings"]
@@ -82,7 +89,7 @@ def markdown(report: dict[str, Any]) -> str:
         "# ue protect report", "",
         f"{s['images']} images protected ({s['protected_now']} in this run, {s['done_before']} before), "
         f"{len(report['skipped'])} left out; method {settings['method']}, epsilon {settings['epsilon']}/255, "
-        f"{settings['steps']} steps; surrogate {report['surrogate']}.", "",
+        f"{_steps(settings)}; surrogate {report['surrogate']}.", "",
         "| | max abs delta (1/255) | PSNR (dB) | SSIM |", "|---|---|---|---|",
         f"| mean | - | {_cell(s['psnr_db_mean'])} | {_cell(s['ssim_mean'], 4)} |",
         f"| worst | {_cell(s['max_abs_delta'])} | {_cell(s['psnr_db_min'])} | {_cell(s['ssim_min'], 4)} |", "",
