@@ -2,8 +2,9 @@
 
 The same victims as ``ue protect --verify`` (:mod:`ue_lightning.protect.verify`), over several victim seeds and
 several protected folders at once, so the clean victims are trained once per seed and platform. Each seed holds out
-its own share of each class (clean test photos). One JSON line per victim is appended to ``--results`` (a rerun
-skips the rows already there), and ``--summary`` prints mean +- sd over the seeds.
+its own share of each class (clean test photos, put through the same platform as the train photos). One JSON line
+per victim is appended to ``--results`` (a rerun skips the rows already there), and ``--summary`` prints mean +- sd
+over the seeds.
 
     OMP_NUM_THREADS=1 python benchmarks/protect_owners.py --input ../shared/data/tiny-imagenet-10/train \\
         --protected em=runs/ti10-em em-classwise=runs/ti10-em-classwise --seeds 0 1 2 \\
@@ -46,9 +47,9 @@ def run(args: argparse.Namespace) -> None:
     victim = VictimSettings(size=args.size, epochs=args.epochs)
     for seed in args.seeds:
         test = held_out(labels, args.share, seed)
-        test_x = torch.stack([victim_input(c, victim.size, None) for c, t in zip(images["clean"], test) if t])
         for spec in args.platforms:
             name, fn = ("as written", None) if spec == "as written" else parse_platform(spec)
+            test_x = torch.stack([victim_input(c, victim.size, fn) for c, t in zip(images["clean"], test) if t])
             for data in trained:
                 photos = images[data]
                 if (data, name, seed) in done:

@@ -5,8 +5,11 @@ A seeded share of each class's photos is held out as clean test images. Two quic
 train on the rest, one on the protected PNGs and one on the clean inputs; each is scored on the
 photos it trained on and on the held-out clean ones. The same again for each platform: what a
 photo site does to a published photo before anyone downloads it (re-encoding as JPEG, resizing),
-applied to the full-size photo, clean and protected alike. Victims see every photo squeezed to
-``size x size`` pixels (the whole photo, aspect not kept), with random crops and flips.
+applied to the full-size photo, clean and protected alike, and to the held-out photos (a model
+is used on photos like the ones it was trained on: a victim trained on half-size photos and
+scored on full-size ones would lose accuracy to the change of resolution, not to the noise).
+Victims see every photo squeezed to ``size x size`` pixels (the whole photo, aspect not kept),
+with random crops and flips.
 
 It is a check on these photos against this victim, not a guarantee: another model, more data
 or a defence (``docs/defences.md``) can learn more.
@@ -184,7 +187,6 @@ def verify_protection(jobs: list[ImageJob], output_dir: Path, classes: list[str]
     protected = [read_photo(job.output, None).colour for job in jobs]
     labels = np.asarray([classes.index(job.class_name) for job in jobs], dtype=np.int64)
     test = held_out(labels, share, seed)
-    test_x = torch.stack([victim_input(c, victim.size, None) for c, t in zip(clean, test) if t])
     test_y, train_y = labels[test], labels[~test]
     print(f"verifying: quick victims ({victim.arch} width {victim.width}, {victim.epochs} epochs at {victim.size} px) "
           f"on {len(train_y)} photos, scored on {len(test_y)} held out ...", file=sys.stderr, flush=True)
@@ -193,6 +195,7 @@ def verify_protection(jobs: list[ImageJob], output_dir: Path, classes: list[str]
     try:
         for name, fn in [("as written", None), *chosen]:
             row = {}
+            test_x = torch.stack([victim_input(c, victim.size, fn) for c, t in zip(clean, test) if t])
             for data, images in (("clean", clean), ("protected", protected)):
                 train_x = torch.stack([victim_input(p, victim.size, fn) for p, t in zip(images, test) if not t])
                 row[data] = train_and_score(train_x, train_y, test_x, test_y, victim, seed, work)
