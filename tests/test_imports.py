@@ -1,8 +1,9 @@
-"""Every module of the package imports, and no two modules import each other at the top level (no cycle).
+"""Every module of the package imports, and no two modules import each other (no cycle), not even inside a function.
 
-The graph is read from the source with ``ast``: an edge for every module-level ``import`` or ``from ...
-import`` of a package module (imports inside functions run later, once both modules exist, and are left
-out). ``from P import N`` points at ``P.N`` when N is a submodule, else at ``P`` (its ``__init__``).
+The graph is read from the source with ``ast``: an edge for every ``import`` or ``from ... import`` of a package
+module, at the top level or inside a function (an import inside a function that closes a circle still ties the two
+modules together; the command line's lazy imports of its subcommands make no circle). ``from P import N`` points
+at ``P.N`` when N is a submodule, else at ``P`` (its ``__init__``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
 def _imports(name: str, path: Path) -> set[str]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     targets = set()
-    for node in ast.parse(path.read_text()).body:  # top level only
+    for node in ast.walk(ast.parse(path.read_text())):  # inside functions too
         if isinstance(node, ast.Import):
             targets.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

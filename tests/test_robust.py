@@ -14,6 +14,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ue_lightning.models import FrozenScore
 from ue_lightning.modules import robust
 from ue_lightning.modules.robust import RobustNoiseGenerator, score_norm
 from ue_lightning.modules.score import ScoreCheckpointError, ScoreEstimator
@@ -102,7 +103,7 @@ def test_real_score_estimator_is_loaded_frozen_and_kept_out_of_the_state(tmp_pat
     gen = make_generator(score_checkpoint=str(ckpt), steps=2)
     gen.setup("fit")
     score = gen.score_model()
-    assert isinstance(score, ScoreEstimator) and not score.training
+    assert isinstance(score, FrozenScore) and not score.training
     assert not any(p.requires_grad for p in score.parameters())
     assert all(not k.startswith("_score") and not k.startswith("net.") for k in gen.state_dict())
     assert {id(p) for p in gen.parameters()}.isdisjoint({id(p) for p in score.parameters()})

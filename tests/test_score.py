@@ -200,3 +200,26 @@ def test_ue_fit_digits_config_writes_a_checkpoint_load_for_accepts(tmp_path: Pat
     assert model.hparams.width == 16 and model.sigma_min == pytest.approx(0.1)
     score = model.score(torch.rand(2, 1, 8, 8), torch.tensor([3, 7]))
     assert score.shape == (2, 1, 8, 8) and torch.isfinite(score).all()
+
+
+@pytest.mark.parametrize("levels, ema", [(1, None), (3, 0.9)])
+def test_the_plain_frozen_score_is_the_estimators_score_exactly(tmp_path, levels, ema):
+    """What the robust generator and purification load (models/, no LightningModule): the same numbers as the
+    estimator's own score, with several noise levels (the smallest) and the weight average (not the live net)."""
+    from ue_lightning.models import load_frozen_score
+
+    L.seed_everything(0)
+    model = ScoreEstimator(num_classes=2, in_channels=1, image_size=SIZE, width=8, num_sigmas=levels,
+                           sigma_min=0.05, sigma_max=0.5, ema_decay=ema)
+    trainer = quiet_trainer(max_steps=5)
+    trainer.fit(model, loader(64, seed=0, shuffle=True))
+    path = tmp_path / "score.ckpt"
+    trainer.save_checkpoint(path)
+    model.eval()
+    frozen = load_frozen_score(path, num_classes=2, in_channels=1, image_size=SIZE)
+    x, y = gaussian_classes(8, seed=5)
+    assert torch.equal(frozen.score(x, y), model.score(x, y)) and frozen.sigma_min == model.sigma_min
+    if ema is not None:
+        assert not torch.equal(frozen.score(x, y), model._scaled_score(model.net, x, y, levels - 1) / model.sigmas[-1])
+    with pytest.raises(ScoreCheckpointError, match="was trained on other data"):
+        load_frozen_score(path, num_classes=3, in_channels=1, image_size=SIZE)

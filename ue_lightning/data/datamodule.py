@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 from ue_lightning.data.datasets import DATASETS, CleanImages, load_dataset
 from ue_lightning.data.noise_file import NoiseFile, NoiseFileError, apply_delta
 from ue_lightning.defences import DEFENCES, Defence, DefenceName, Views, build_defence
+from ue_lightning.models.frozen_score import load_frozen_score
 from ue_lightning.purification import PurifiedImages, label_blind
 
 
@@ -354,16 +355,14 @@ class UEDataModule(L.LightningDataModule):
     def _purified(self, train: CleanImages, indices: Tensor, noise: NoiseFile | None,
                   mask: Tensor | None) -> PurifiedImages:
         """The victim's train images, protected as published, purified with the ``purify_with`` score model."""
-        from ue_lightning.modules import ScoreEstimator  # the modules import this package
-
         channels, height, width = train.image_shape
         if height != width or height != self.image_size:
             raise ValueError(f"data.purify_with purifies the stored train images ({height}x{width} here) with a score "
                              f"model of the training input size ({self.image_size}); for a folder dataset set "
                              "data.resize equal to data.crop")
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        model = ScoreEstimator.load_for(self.purify_with, num_classes=self.num_classes, in_channels=channels,
-                                        image_size=height, map_location=device)
+        model = load_frozen_score(self.purify_with, num_classes=self.num_classes, in_channels=channels,
+                                  image_size=height, map_location=device)
         published = ProtectedImages(train, v2.Identity(), noise, mask)  # uint8, as the thief reads them
         score = model.score if self.purify_labels == "own" else label_blind(model.score, self.num_classes)
         return PurifiedImages(published, indices, score, model.sigma_min, seed=self.seed,

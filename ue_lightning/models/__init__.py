@@ -18,6 +18,7 @@ from .normalize import (
     default_mean_std,
 )
 from .registry import ARCHITECTURES, IMAGENET_MIN_SIZE, build_classifier
+from .frozen_score import FrozenScore, load_frozen_score
 from .score_net import ScoreNet
 
 __all__ = [
@@ -30,7 +31,9 @@ __all__ = [
     "ImageClassifier",
     "Normalize",
     "PatchWhitening",
+    "FrozenScore",
     "ScoreNet",
+    "load_frozen_score",
     "airbench_classifier",
     "batchnorm_statistics_frozen",
     "in_mode",

@@ -41,7 +41,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ue_lightning.attacks import (box_start, budget_to_pixels, cross_entropy_sum, input_gradient, pgd_maximize,
                                   project_linf)
 from ue_lightning.augment import random_crop_flip
-from ue_lightning.models import build_classifier, in_mode
+from ue_lightning.models import build_classifier, in_mode, load_frozen_score
 from ue_lightning.modules.generator_base import NoiseGenerator, round_to_pixel_grid
 from ue_lightning.modules.unregistered import Unregistered
 from ue_lightning.sample_rng import indexed_uniform, salt_of
@@ -72,11 +72,9 @@ def score_norm(score_fn: ScoreFn, x: Tensor, y: Tensor) -> Tensor:
 
 
 def load_score_model(checkpoint_path: str, *, num_classes: int, in_channels: int, image_size: int) -> ScoreModel:
-    """Load the frozen ScoreEstimator of ``checkpoint_path`` (see ``ue_lightning.modules.score``)."""
-    from ue_lightning.modules.score import ScoreEstimator
-
-    return ScoreEstimator.load_for(checkpoint_path, num_classes=num_classes, in_channels=in_channels,
-                                   image_size=image_size)
+    """The frozen score network of the ScoreEstimator checkpoint ``checkpoint_path`` (:func:`load_frozen_score`)."""
+    return load_frozen_score(checkpoint_path, num_classes=num_classes, in_channels=in_channels,
+                             image_size=image_size)
 
 
 class RobustNoiseGenerator(NoiseGenerator):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +32,11 @@ from torch import Tensor
 from ue_lightning.models import ScoreNet
 from ue_lightning.models.checkpoint import (CheckpointError, build_checked, check_data_facts,
                                              read_lightning_checkpoint)
+from ue_lightning.models.frozen_score import geometric_sigmas, training_hint
 from ue_lightning.sample_rng import indexed_normal, salt_of
 
 #: salt of the per-sample validation noise (see :func:`indexed_normal`)
 _VAL_NOISE_SALT = salt_of(0x5C0E)
-
-
-def geometric_sigmas(sigma_max: float, sigma_min: float, num_sigmas: int) -> Tensor:
-    """``num_sigmas`` noise levels from ``sigma_max`` down to ``sigma_min``, evenly spaced in log (float32)."""
-    return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), num_sigmas, dtype=torch.float64).float()
 
 
 def dsm_loss_per_sample(scaled_score: Tensor, eps: Tensor) -> Tensor:
@@ -223,7 +218,7 @@ class ScoreEstimator(L.LightningModule):
         ``FileNotFoundError``) when it is missing: the checks and wording of
         :mod:`ue_lightning.models.checkpoint`, shared with TAP's classifier loader.
         """
-        name, fix = f"score checkpoint {checkpoint_path}", _training_hint(num_classes, in_channels, image_size)
+        name, fix = f"score checkpoint {checkpoint_path}", training_hint(num_classes, in_channels, image_size)
         hparams, state = read_lightning_checkpoint(checkpoint_path, name="score checkpoint", fix=fix, prefix="net.",
                                                    expected="ue_lightning.modules.ScoreEstimator")
         check_data_facts(hparams, {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size},
@@ -239,10 +234,3 @@ def _check_pixel_sigma(value: float, name: str) -> None:
     if not 0.0 < value < 1.0:
         raise ValueError(f"{name}={value} must be in (0, 1): noise levels are in pixel units of [0, 1] images "
                          f"(0.1 = 25.5/255); a value >= 1 looks like 1/255 units or would drown the images")
-
-
-def _training_hint(num_classes: int, in_channels: int, image_size: int) -> str:
-    return ("train a score estimator on this dataset with configs/score/dsm.yaml "
-            "(e.g. `ue fit --config configs/data/cifar10.yaml --config configs/score/dsm.yaml`, plus its overlay "
-            f"configs/score/<data>/dsm.yaml where there is one; this data has {num_classes} classes, "
-            f"{in_channels} channels, {image_size}x{image_size} images) and pass its last.ckpt")

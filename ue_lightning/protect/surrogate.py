@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ue_lightning.models.checkpoint import (check_fits, classifier_from_weights, load_checkpoint_file, load_weights,
                                            read_classifier_checkpoint)
+from ue_lightning.modules.em import CHECKPOINT_KEY
 from ue_lightning.modules.robust import RobustNoiseGenerator
 
 SURROGATES = "ErrorMinimizingNoise or RobustNoiseGenerator (ue fit --config configs/data/<data>.yaml --config configs/generator/em-*.yaml)"
@@ -74,8 +75,6 @@ def load_surrogate(path: str | Path, device: torch.device) -> Surrogate:
 
 def load_class_noise(path: str | Path) -> Tensor:
     """float (K, C, h, w), pixel units: the class noise of a class-wise ``ErrorMinimizingNoise`` checkpoint."""
-    from ue_lightning.modules.em import CHECKPOINT_KEY
-
     ckpt = load_checkpoint_file(path, name="--checkpoint", fix=FIX)
     state = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
     state = state if isinstance(state, dict) else {}
