@@ -10,10 +10,8 @@ the model's (class-conditional) noised density:
 The score is the class-conditional model's averaged over every class (:func:`label_blind`) unless
 the caller asks for the image's own label: a denoiser told each image's label pulls it towards
 its class's typical look, which writes a faint class signal into the image, a shortcut of its
-own for a victim that amplifies faint patterns (at CPU scale the fast victim, whose fitted
-whitening does, reached 67% train and 25% clean test accuracy on clean images purified that
-way; label-blind, 54 / 53%; unpurified, 59 / 57%; the ResNet-18 victim was not fooled;
-``benchmarks/RESULTS.md``). Averaged, the same
+own for a victim that amplifies faint patterns (measured with the fast victim, whose fitted
+whitening does: ``benchmarks/RESULTS.md``, "Purification with a score model"). Averaged, the same
 operation is applied to every image whatever its label, as with DiffPure's unconditional model.
 A perturbation of a few /255 is small against ``sigma`` (0.1 = 25.5/255 in the shipped
 configs), so the denoised image carries the statistics the score model learned, not the

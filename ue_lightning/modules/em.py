@@ -23,8 +23,8 @@ The stop rule (``stop_on``):
 * ``noise_pass`` (the reference code's rule): stop once the frozen surrogate (in
   ``pass_mode``) classifies the train set at its *new* noise with that accuracy. PGD has
   just fitted this noise to this surrogate, so the rule is met after 2-3 rounds on small
-  sets, while the same surrogate in train mode is still at 20-50% on the noise and the
-  noise is not learned by a fresh network (benchmarks/RESULTS.md, EM diagnosis).
+  sets, while the same surrogate in train mode is far from it and the noise is not learned
+  by a fresh network (measured: benchmarks/RESULTS.md, "EM diagnosis").
 
 The noise is state of a :class:`~ue_lightning.modules.generator_base.StoredNoiseGenerator`,
 on the CPU (in memory or a node-shared memory-mapped file) and saved in the checkpoint, so
@@ -35,9 +35,8 @@ Departures from the reference code (HanxunH/Unlearnable-Examples), on purpose:
 
 * the default stop rule (above);
 * the surrogate trains on crops/flips of the perturbed batch (``surrogate_augment``, as the
-  victim will): without it, at 5000 CIFAR images, the noise was a perfect shortcut for a
-  victim trained without augmentation (10.9% test accuracy) and none under crop + flip
-  (54.6% against 58% clean); with it, 18.7% (docs/methods.md, "Error-minimising noise");
+  victim will): without it the noise was a perfect shortcut for a victim trained without
+  augmentation and none under crop + flip (measured: docs/methods.md, "Error-minimising noise");
 * perturbed images are clamped to [0, 1] everywhere (the reference trains the surrogate
   and checks accuracy on the unclamped ``x + delta``; the maintainer called it a bug);
 * the surrogate's batches come from the DataModule's shuffled train loader (the
