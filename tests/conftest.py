@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -19,6 +20,14 @@ from PIL import Image
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_trainer(root: Path | str | None = None, **overrides) -> L.Trainer:
+    """A quiet one-process CPU Trainer (no logger, checkpoints, bars or summary; gradients allowed in predict and
+    test, which the generators' PGD needs); ``overrides`` are any other Trainer arguments."""
+    args = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, inference_mode=False, default_root_dir=root)
+    return L.Trainer(**{**args, **overrides})
 
 
 def shipped(data: str, *methods: str) -> list[str]:

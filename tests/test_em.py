@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from tests.conftest import config_args, run_ue, shipped
+from conftest import cpu_trainer
 from ue_lightning.callbacks import PerturbationWriter
 from ue_lightning.data import UEDataModule
 from ue_lightning.data.noise_file import NoiseFile, quantize_delta
@@ -46,10 +47,7 @@ def em(mode: str = "samplewise", **kw) -> ErrorMinimizingNoise:
 
 
 def trainer(root: Path | None = None, **kw) -> L.Trainer:
-    args = dict(accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
-                default_root_dir=root)
-    return L.Trainer(**{**args, **kw})
+    return cpu_trainer(root, **{"max_epochs": -1, **kw})
 
 
 def write_noise(module: ErrorMinimizingNoise, dm: UEDataModule, output: Path, **writer) -> NoiseFile:

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import cpu_trainer
 from ue_lightning.callbacks import PerturbationWriter
 from ue_lightning.data import NoiseFile, UEDataModule
 from ue_lightning.modules import ErrorMinimizingNoise, TransferableNoise
@@ -49,9 +50,7 @@ def _sha(a: np.ndarray) -> str:
 
 
 def _trainer(root: Path, **kw) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
-                     default_root_dir=root, **kw)
+    return cpu_trainer(root, **kw)
 
 
 def _generator(name: str, store: str) -> tuple[L.LightningModule, UEDataModule, dict]:

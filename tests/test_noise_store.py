@@ -12,14 +12,14 @@ import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from conftest import cpu_trainer
 from ue_lightning import noise_store
 from ue_lightning.modules import ErrorMinimizingNoise, TransferableNoise
 from ue_lightning.noise_store import NoiseStore, StreamingCheckpointIO, choose_kind, stream_checkpoints
 
 
 def _trainer(tmp_path) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, default_root_dir=tmp_path)
+    return cpu_trainer(tmp_path, inference_mode=True)
 
 
 def test_auto_keeps_small_noise_in_memory():

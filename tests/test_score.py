@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import config_args, memory_cap, run_ue, shipped
+from conftest import config_args, cpu_trainer, memory_cap, run_ue, shipped
 from ue_lightning.modules import ScoreEstimator
 from ue_lightning.modules.score import ScoreCheckpointError, geometric_sigmas
 from ue_lightning.sample_rng import indexed_normal
@@ -50,8 +50,7 @@ def loader(n: int, seed: int, shuffle: bool, batch_size: int = 128) -> DataLoade
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    return cpu_trainer(**{"inference_mode": True, **kwargs})
 
 
 def analytic_score(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import config_args, run_ue, shipped
+from conftest import config_args, cpu_trainer, run_ue, shipped
 from ue_lightning.attacks import pgd_minimize
 from ue_lightning.data import NoiseFile, UEDataModule
 from ue_lightning.modules import TransferableNoise
@@ -180,9 +180,7 @@ def _tiny_generator(**kw) -> TransferableNoise:
 
 
 def _trainer(tmp_path: Path, max_epochs: int, **kw) -> L.Trainer:
-    return L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                     inference_mode=False, **kw)
+    return cpu_trainer(tmp_path, max_epochs=max_epochs, **kw)
 
 
 class _NoiseAtStart(L.Callback):

@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import REPO, config_args, run_ue, shipped
+from conftest import REPO, config_args, cpu_trainer, run_ue, shipped
 from ue_lightning.modules import VictimClassifier
 
 TINY = ["--config", str(REPO / "configs/victim/digits.yaml"), "--model.init_args.width", "4",
@@ -327,9 +327,7 @@ class _WhiteningAtFirstStep(L.Callback):
 
 
 def _tiny_trainer(tmp_path: Path, callback: L.Callback, **kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     default_root_dir=tmp_path, callbacks=[callback], **kwargs)
+    return cpu_trainer(tmp_path, inference_mode=True, num_sanity_val_steps=0, callbacks=[callback], **kwargs)
 
 
 def test_airbench_victim_fits_whitened_from_its_train_batches(fake_npz, tmp_path):
