@@ -467,3 +467,15 @@ def test_ssim_of_a_large_photo_is_that_of_its_central_square():
     protected[..., :30] = 255 - protected[..., :30]  # changed only outside the central square
     quality = image_quality(clean, protected)
     assert quality["ssim"] == pytest.approx(1.0) and quality["psnr_db"] < 25 and quality["max_abs_delta"] > 100
+
+
+def test_verify_with_no_photo_to_hold_out_is_refused_in_one_line(tmp_path):
+    from ue_lightning.protect.images import find_images
+    from ue_lightning.protect.verify import verify_protection
+
+    for name in ("a", "b"):  # one photo a class: nothing can be held out
+        (tmp_path / "in" / name).mkdir(parents=True)
+        Image.new("RGB", (20, 20), "red").save(tmp_path / "in" / name / "x.png")
+    jobs, _ = find_images(tmp_path / "in", tmp_path / "out")
+    with pytest.raises(ValueError, match="needs at least two protected photos in some class"):
+        verify_protection(jobs, tmp_path / "out", ["a", "b"])

@@ -138,8 +138,12 @@ class SizeBatches:
         return [done for shape in list(self.queues) for done in self.flush(shape)]
 
     def flush(self, shape: tuple[int, ...]) -> list[Done]:
-        """Protect the queue of ``shape`` and write its PNGs; one image at a time if the batch exceeds memory."""
-        queue = self.queues.pop(shape, [])
+        """Protect the queue of ``shape`` and write its PNGs."""
+        return self._protect_or_split(self.queues.pop(shape, []))
+
+    def _protect_or_split(self, queue: list) -> list[Done]:
+        """Protect ``queue`` as one batch; one image at a time if that exceeds memory; an image that alone exceeds
+        it is reported, and the others go on."""
         if not queue:
             return []
         try:
@@ -147,17 +151,9 @@ class SizeBatches:
         except (MemoryError, RuntimeError) as error:
             if not _out_of_memory(error):
                 raise
-            if len(queue) > 1:
-                return [done for item in queue for done in self._protect_or_report([item])]
-            return self._report_memory(queue[0], error)
-
-    def _protect_or_report(self, queue: list) -> list[Done]:
-        try:
-            return self._protect(queue)
-        except (MemoryError, RuntimeError) as error:
-            if not _out_of_memory(error):
-                raise
-            return self._report_memory(queue[0], error)
+            if len(queue) == 1:
+                return self._report_memory(queue[0], error)
+            return [done for item in queue for done in self._protect_or_split([item])]
 
     @staticmethod
     def _report_memory(item: tuple, error: BaseException) -> list[Done]:

@@ -183,10 +183,13 @@ def verify_protection(jobs: list[ImageJob], output_dir: Path, classes: list[str]
     victim = victim or VictimSettings()
     check_verify_options(classes, share, platforms, victim.size, victim.epochs)
     chosen = [parse_platform(p) for p in platforms]
-    clean = [read_photo(job.source, None).colour for job in jobs]
-    protected = [read_photo(job.output, None).colour for job in jobs]
     labels = np.asarray([classes.index(job.class_name) for job in jobs], dtype=np.int64)
     test = held_out(labels, share, seed)
+    if not test.any():
+        raise ValueError("--verify needs at least two protected photos in some class (one to hold out, one to train "
+                         "on): add photos, or leave --verify out")
+    clean = [read_photo(job.source, None).colour for job in jobs]
+    protected = [read_photo(job.output, None).colour for job in jobs]
     test_y, train_y = labels[test], labels[~test]
     print(f"verifying: quick victims ({victim.arch} width {victim.width}, {victim.epochs} epochs at {victim.size} px) "
           f"on {len(train_y)} photos, scored on {len(test_y)} held out ...", file=sys.stderr, flush=True)
