@@ -479,3 +479,72 @@ def test_verify_with_no_photo_to_hold_out_is_refused_in_one_line(tmp_path):
     jobs, _ = find_images(tmp_path / "in", tmp_path / "out")
     with pytest.raises(ValueError, match="needs at least two protected photos in some class"):
         verify_protection(jobs, tmp_path / "out", ["a", "b"])
+
+
+@pytest.fixture(scope="module")
+def collapse_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    """``(generator, score)``: a small RobustNoiseGenerator fitted with a ScoreEstimator (both untrained, width 4:
+    the collapse step's wiring, not its quality), saved as Lightning saves them."""
+    from ue_lightning.modules import RobustNoiseGenerator, ScoreEstimator
+
+    root = tmp_path_factory.mktemp("collapse")
+    torch.manual_seed(0)
+    score = ScoreEstimator(num_classes=2, in_channels=3, image_size=32, width=4)
+    torch.save({"hyper_parameters": dict(score.hparams), "state_dict": score.state_dict()}, root / "score.ckpt")
+    generator = RobustNoiseGenerator(num_classes=2, width=4, steps=2, adv_steps=1, eot_samples=1, seed=3,
+                                     score_checkpoint=str(root / "score.ckpt"))
+    torch.save({"hyper_parameters": dict(generator.hparams), "state_dict": generator.state_dict()},
+               root / "collapse.ckpt")
+    return root / "collapse.ckpt", root / "score.ckpt"
+
+
+def test_collapse_noise_is_in_budget_at_every_size_and_adds_the_score_step_to_rem(protected_run, collapse_checkpoints,
+                                                                                  tmp_path):
+    """The photos' sizes (29-53 px a side) are not multiples of the score U-Net's 4: it must pad them. REM's step
+    from the same checkpoint is the same minus the score step, so the two noises differ."""
+    photos = protected_run[0]
+    generator, _ = collapse_checkpoints
+    noise = {}
+    for method in ("collapse", "rem"):
+        report = protect_folder(str(photos), str(tmp_path / method), checkpoint=str(generator), method=method,
+                                epsilon=6, device="cpu")
+        assert len(report["images"]) == len(GOOD)
+        assert all(0 < entry["max_abs_delta"] <= 6 for entry in report["images"]), report["images"]
+        noise[method] = {k: np.asarray(Image.open(tmp_path / method / Path(k).with_suffix(".png"))) for k in GOOD}
+    assert "score_sha256" in load_report(tmp_path / "collapse")["settings"]
+    assert any(not np.array_equal(noise["collapse"][k], noise["rem"][k]) for k in GOOD)
+
+
+def test_a_quick_collapse_generator_trains_its_own_score_model(protected_run, tmp_path, monkeypatch):
+    """The quick path's wiring at a budget of 2 steps each (its protection: benchmarks/RESULTS.md, data owners)."""
+    from ue_lightning.protect import quick
+
+    monkeypatch.setitem(quick.QUICK_SCORE, "max_steps", 2)
+    monkeypatch.setitem(quick.QUICK_ROBUST, "max_steps", 2)
+    out = tmp_path / "out"
+    report = protect_folder(str(protected_run[0]), str(out), method="collapse", epsilon=4, device="cpu")
+    hparams = torch.load(out / "surrogate.ckpt", weights_only=False)["hyper_parameters"]
+    assert Path(hparams["score_checkpoint"]) == out / "score.ckpt" and (out / "score.ckpt").is_file()
+    assert all(0 < entry["max_abs_delta"] <= 4 for entry in report["images"])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("rem checkpoint", "was fitted without a score model (it is REM's): pass its ScoreEstimator checkpoint"),
+    ("em as score", "--score_checkpoint"),
+    ("missing score", "--score_checkpoint"),
+    ("score without collapse", "--score_checkpoint goes with --method collapse"),
+])
+def test_collapse_refuses_a_generator_or_score_model_it_cannot_use(protected_run, rem_checkpoint,
+                                                                   collapse_checkpoints, tmp_path, capsys, case,
+                                                                   message):
+    photos, first, _ = protected_run
+    generator, score = collapse_checkpoints
+    args = {"rem checkpoint": ["--method", "collapse", "--checkpoint", str(rem_checkpoint)],
+            "em as score": ["--method", "collapse", "--checkpoint", str(generator),
+                            "--score_checkpoint", str(first / "surrogate.ckpt")],
+            "missing score": ["--method", "collapse", "--checkpoint", str(generator),
+                              "--score_checkpoint", str(tmp_path / "nothing.ckpt")],
+            "score without collapse": ["--method", "rem", "--checkpoint", str(generator),
+                                       "--score_checkpoint", str(score)]}[case]
+    err = _ue_error(capsys, "--input", str(photos), "--output", str(tmp_path / "o"), *args)
+    assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists(), err

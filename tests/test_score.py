@@ -222,3 +222,16 @@ def test_the_plain_frozen_score_is_the_estimators_score_exactly(tmp_path, levels
         assert not torch.equal(frozen.score(x, y), model._scaled_score(model.net, x, y, levels - 1) / model.sigmas[-1])
     with pytest.raises(ScoreCheckpointError, match="was trained on other data"):
         load_frozen_score(path, num_classes=3, in_channels=1, image_size=SIZE)
+
+
+def test_the_frozen_score_takes_any_size_by_padding_the_edges():
+    """A photo's side is rarely a multiple of the U-Net's 4: the frozen score pads with edge pixels and crops back,
+    so a 13 x 10 image gets the score its padded 16 x 12 copy gets, cut to 13 x 10."""
+    from ue_lightning.models import FrozenScore, ScoreNet
+
+    torch.manual_seed(0)
+    frozen = FrozenScore(ScoreNet(3, 2, 32, width=4), torch.tensor(0.1), None)
+    x, y = torch.rand(2, 3, 13, 10), torch.tensor([0, 1])
+    padded = F.pad(x, (0, 2, 0, 3), mode="replicate")
+    assert torch.equal(frozen.score(x, y), frozen.score(padded, y)[..., :13, :10])
+    assert frozen.score(x[..., :12, :8], y).shape == (2, 3, 12, 8)

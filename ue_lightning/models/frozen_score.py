@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ue_lightning.models.checkpoint import build_checked, check_data_facts, read_lightning_checkpoint
@@ -48,7 +49,14 @@ class FrozenScore(nn.Module):
         return float(self.sigma)
 
     def score(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.net(x, y, self.level) / self.sigma
+        """The score of ``x`` at any height and width: a side the U-Net cannot halve evenly is padded (edge pixels
+        repeated) up to a multiple of ``2 ** net.num_downsamplings`` and the score cropped back."""
+        height, width = x.shape[-2:]
+        multiple = 2 ** self.net.num_downsamplings
+        pad_h, pad_w = -height % multiple, -width % multiple
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        return self.net(x, y, self.level)[..., :height, :width] / self.sigma
 
     forward = score
 

@@ -33,6 +33,7 @@ from ue_lightning.scratch import atomic_write_bytes
 SETTINGS_FILE = "settings.json"
 RECORD_FILE = "inputs.jsonl"
 QUICK_CHECKPOINT = "surrogate.ckpt"
+QUICK_SCORE_CHECKPOINT = "score.ckpt"
 
 
 def _refuse_overlap(input_dir: Path, output_dir: Path) -> None:
@@ -72,7 +73,8 @@ def protect_folder(
     input: str,
     output: str,
     checkpoint: str | None = None,
-    method: Literal["em", "em-classwise", "rem"] = "em",
+    score_checkpoint: str | None = None,
+    method: Literal["em", "em-classwise", "rem", "collapse"] = "em",
     epsilon: float = 8.0,
     steps: int = 20,
     step_size: float | None = None,
@@ -99,12 +101,17 @@ def protect_folder(
         input: the folder of images (never written to).
         output: the folder for the protected PNGs, report.json, report.md and grid.png (outside --input).
         checkpoint: a generator checkpoint (``last.ckpt`` of an ErrorMinimizingNoise fit, or of a
-            RobustNoiseGenerator fit for ``rem``, and for ``em`` too); without it, a quick generator of the method
-            is trained on the images and saved as <output>/surrogate.ckpt.
+            RobustNoiseGenerator fit for ``rem`` and ``collapse``, and for ``em`` too); without it, a quick generator
+            of the method is trained on the images and saved as <output>/surrogate.ckpt.
+        score_checkpoint: ``collapse`` with a ``--checkpoint``: the ScoreEstimator checkpoint of its score step
+            (None: the one the generator was fitted with). Without ``--checkpoint`` a quick one is trained on the
+            images and saved as <output>/score.ckpt.
         method: ``em``: sample-wise error-minimising noise, PGD against the surrogate at each image's own
             size; ``em-classwise``: one pattern per class folder (class-wise EM), stretched over each image;
             ``rem``: robust error-minimising noise (REM: against an adversarially trained surrogate, under a PGD
-            adversary and random crops and flips), meant to survive a trainer's adversarial training.
+            adversary and random crops and flips), meant to survive a trainer's adversarial training;
+            ``collapse``: data collapse (Fang et al.): REM's step plus a step down the norm of a class-conditional
+            score model, so each class's photos collapse towards dense points of the class.
         epsilon: L-infinity budget in 1/255 units (8 = 8/255), in (0, 64].
         steps: PGD steps per image (``em``; ``rem`` takes its generator's own).
         step_size: PGD step in 1/255 units (None: 2.5 * epsilon / steps, at least 0.25).
@@ -145,6 +152,9 @@ def protect_folder(
     classes = sorted({job.class_name for job in jobs if job.class_name is not None})
     if verify:
         check_verify_options(classes, verify_share, verify_platforms, verify_size, verify_epochs)
+    if score_checkpoint is not None and (method != "collapse" or checkpoint is None):
+        raise ValueError("--score_checkpoint goes with --method collapse and its --checkpoint (a quick collapse "
+                         "generator trains its own score model): drop it, or add them")
     if method == "em-classwise" and not classes:
         raise ValueError(f"--method em-classwise needs class folders (--input {input} has images in fewer than two "
                          "subfolders): put each class in its own subfolder, or use --method em")
@@ -152,15 +162,19 @@ def protect_folder(
     settings = {"method": method, "epsilon": float(epsilon), "steps": int(steps), "step_size": float(step_size),
                 "working_size": int(working_size) or None, "seed": int(seed), "surrogate_sha256": "quick"}
     if checkpoint is not None:
-        noise = NOISE_MAKERS[method](checkpoint, classes, settings, run)  # a wrong checkpoint: refused before writing
+        noise = NOISE_MAKERS[method](checkpoint, classes, dict(settings, score_checkpoint=score_checkpoint),
+                                     run)  # a wrong checkpoint: refused before writing
         settings["surrogate_sha256"] = sha256(Path(checkpoint))
+        if method == "collapse":
+            settings["score_sha256"] = sha256(Path(noise.generator.hparams.score_checkpoint))
     _claim_output(output_dir, settings)
     if checkpoint is None:
         checkpoint = str(output_dir / QUICK_CHECKPOINT)
+        score_checkpoint = str(output_dir / QUICK_SCORE_CHECKPOINT) if method == "collapse" else None
         if not Path(checkpoint).is_file():
             fit_quick_surrogate(jobs, classes, Path(checkpoint), mode=MODES[method], epsilon=epsilon, seed=seed,
-                                device=run)
-        noise = NOISE_MAKERS[method](checkpoint, classes, settings, run)
+                                device=run, score_checkpoint=score_checkpoint and Path(score_checkpoint))
+        noise = NOISE_MAKERS[method](checkpoint, classes, dict(settings, score_checkpoint=score_checkpoint), run)
     notes = []
     if len(classes) > noise.num_classes:
         notes.append(f"{len(classes)} classes but the generator has {noise.num_classes}: classes share labels "

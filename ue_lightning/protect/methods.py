@@ -18,7 +18,7 @@ from ue_lightning.protect.surrogate import (Surrogate, load_class_noise, load_ro
                                             match_channels)
 
 #: ``--method`` -> the kind of quick generator trained when no ``--checkpoint`` is given.
-MODES = {"em": "samplewise", "em-classwise": "classwise", "rem": "robust"}
+MODES = {"em": "samplewise", "em-classwise": "classwise", "rem": "robust", "collapse": "collapse"}
 
 
 class SamplewiseNoise:
@@ -68,13 +68,16 @@ class RobustNoise:
     crops, flips, the adversary's start) are keyed by its place in the folder: batching does not change them."""
 
     def __init__(self, checkpoint: str, classes: list[str], settings: dict[str, Any], device: torch.device):
-        self.generator = load_robust_generator(checkpoint, device, settings["epsilon"])
+        self.generator = load_robust_generator(checkpoint, device, settings["epsilon"], collapse=self.collapse,
+                                               score_checkpoint=settings.get("score_checkpoint"))
         self.surrogate = Surrogate(self.generator.model, self.generator.hparams.num_classes,
                                    self.generator.hparams.in_channels, str(checkpoint))
         self.classes, self.settings, self.device = classes, settings, device
         self.num_classes = self.surrogate.num_classes
 
     labels = SamplewiseNoise.labels
+
+    collapse = False  # REM's step: no score step, even with a collapse generator
 
     def __call__(self, jobs: list[ImageJob], colours: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         """``(labels (B,), int8 delta (B, C, H, W) in 1/255 units)`` of same-size uint8 images (B, C, H, W)."""
@@ -89,6 +92,16 @@ class RobustNoise:
                                        self.settings["working_size"], self.device)
 
 
-NOISE_MAKERS = {"em": SamplewiseNoise, "em-classwise": ClasswiseNoise, "rem": RobustNoise}
+class CollapseNoise(RobustNoise):
+    """``--method collapse``: data collapse's noise step (Fang et al., Algorithm 1, with REM's min-min-max step as the
+    package's collapse generator runs it): REM's step plus a step down the norm of the class-conditional score of
+    ``settings["score_checkpoint"]`` (None: the one the generator was fitted with), so each class's photos move
+    towards dense points of their class. The score model sees the photo at the size the noise is made at (any
+    size: it is padded)."""
+
+    collapse = True
+
+
+NOISE_MAKERS = {"em": SamplewiseNoise, "em-classwise": ClasswiseNoise, "rem": RobustNoise, "collapse": CollapseNoise}
 
 

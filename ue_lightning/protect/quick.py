@@ -34,8 +34,9 @@ from tqdm import tqdm
 
 from ue_lightning.data import UEDataModule
 from ue_lightning.data.datamodule import stratified_subset
-from ue_lightning.modules import ErrorMinimizingNoise, RobustNoiseGenerator
+from ue_lightning.modules import ErrorMinimizingNoise, RobustNoiseGenerator, ScoreEstimator
 from ue_lightning.protect.images import ImageJob, UnreadableImage, read_photo
+from ue_lightning.protect.surrogate import robust_step_size
 from ue_lightning.scratch import atomic_write_bytes, scratch_dir
 
 WORKING_SIZE = 32  # side of the training images, pixels
@@ -143,35 +144,64 @@ def train_quick_surrogate(images: Tensor, labels: np.ndarray, checkpoint: Path, 
 
 
 #: The quick REM generator's budget (REM's CIFAR-10 run: 10 noise steps x 5 EOT draws x 10 adversary steps, 5000
-#: SGD steps of 128): 4 noise steps, one EOT draw, a one-step adversary (random start, a step of its radius), 150
-#: SGD steps of 32; 10 passes a step. Its time and protection: benchmarks/RESULTS.md ("Data owners").
-QUICK_ROBUST = dict(steps=4, eot_samples=1, adv_steps=1, batch_size=32, max_steps=150, lr_decay_steps=100)
+#: SGD steps of 128): 4 noise steps of epsilon / 2 (:func:`robust_step_size`), one EOT draw, a one-step adversary
+#: (random start, a step of its radius), 300 SGD steps of 32 (about 5 passes over the crops), the rate x0.1 after
+#: 200; 10 passes a step. Its time and protection: benchmarks/RESULTS.md ("Data owners").
+QUICK_ROBUST = dict(steps=4, eot_samples=1, adv_steps=1, batch_size=32, max_steps=300, lr_decay_steps=200)
 
 
 def train_quick_robust(images: Tensor, labels: np.ndarray, checkpoint: Path, *, epsilon: float, seed: int,
-                       accelerator: str = "auto") -> Path:
+                       accelerator: str = "auto", score_checkpoint: Path | None = None) -> Path:
     """Fit REM (min-min-max: :class:`~ue_lightning.modules.RobustNoiseGenerator`) on ``images`` (uint8 (N, 3, s, s))
     at the :data:`QUICK_ROBUST` budget, adversary at half of ``epsilon`` (1/255 units; REM's rho_a 4 against rho_u
-    8), and save it to ``checkpoint``, atomically."""
+    8), and save it to ``checkpoint``, atomically. With ``score_checkpoint`` (a ScoreEstimator of the same images):
+    data collapse, the noise step also descending the score's norm (alpha_s = alpha_u)."""
     q = QUICK_ROBUST
     rem = RobustNoiseGenerator(num_classes=int(labels.max()) + 1, in_channels=3, image_size=images.shape[-1],
-                               width=WIDTH, epsilon=epsilon, step_size=max(epsilon / 5, 0.25), steps=q["steps"],
+                               width=WIDTH, epsilon=epsilon, step_size=robust_step_size(epsilon, q["steps"]),
+                               steps=q["steps"],
                                adv_radius=epsilon / 2, adv_step_size=max(epsilon / 2, 0.25), adv_steps=q["adv_steps"],
-                               eot_samples=q["eot_samples"], lr_decay_steps=q["lr_decay_steps"], seed=seed)
+                               eot_samples=q["eot_samples"], lr_decay_steps=q["lr_decay_steps"], seed=seed,
+                               score_checkpoint=None if score_checkpoint is None else str(score_checkpoint))
     return fit_and_save(rem, images, labels, checkpoint, batch_size=q["batch_size"], seed=seed,
                         accelerator=accelerator, max_steps=q["max_steps"])
 
 
+#: The quick score estimator's budget (the CPU config configs/score/cifar10-npz-cpu/dsm.yaml: ScoreNet width 16,
+#: one sigma of 0.1, Adam 1e-3, 320 steps of 128 on 5000 images): 160 steps of 128 (10 passes over 2048 crops).
+QUICK_SCORE = dict(width=16, sigma=0.1, lr=1e-3, batch_size=128, max_steps=160)
+
+
+def train_quick_score(images: Tensor, labels: np.ndarray, checkpoint: Path, *, seed: int,
+                      accelerator: str = "auto") -> Path:
+    """Fit a class-conditional :class:`~ue_lightning.modules.ScoreEstimator` (denoising score matching) on
+    ``images`` (uint8 (N, 3, s, s)) with ``labels`` at the :data:`QUICK_SCORE` budget; save it to ``checkpoint``."""
+    q = QUICK_SCORE
+    torch.manual_seed(seed)  # the network's initial weights and the training noise
+    score = ScoreEstimator(num_classes=int(labels.max()) + 1, in_channels=3, image_size=images.shape[-1],
+                           width=q["width"], sigma=q["sigma"], lr=q["lr"], ema_decay=None, noise_seed=seed)
+    return fit_and_save(score, images, labels, checkpoint, batch_size=q["batch_size"], seed=seed,
+                        accelerator=accelerator, max_steps=q["max_steps"])
+
+
 def fit_quick_surrogate(jobs: list[ImageJob], classes: list[str], checkpoint: Path, *,
-                        mode: Literal["samplewise", "classwise", "robust"], epsilon: float, seed: int,
-                        device: torch.device) -> Path:
-    """Read the training images of ``jobs``, fit the quick surrogate, save it to ``checkpoint``."""
+                        mode: Literal["samplewise", "classwise", "robust", "collapse"], epsilon: float, seed: int,
+                        device: torch.device, score_checkpoint: Path | None = None) -> Path:
+    """Read the training images of ``jobs``, fit the quick surrogate, save it to ``checkpoint``. ``collapse``: first
+    a quick score estimator, saved to ``score_checkpoint`` (kept if it is there), then the generator using it."""
     images, labels = training_images(jobs, classes, "classwise" if mode == "classwise" else "samplewise", seed)
-    print(f"training a quick {mode} surrogate on {len(images)} images of {WORKING_SIZE}x{WORKING_SIZE} "
-          f"({len(np.unique(labels))} classes) ...", file=sys.stderr, flush=True)
     accelerator = "cpu" if device.type == "cpu" else "auto"
-    if mode == "robust":
-        return train_quick_robust(images, labels, checkpoint, epsilon=epsilon, seed=seed, accelerator=accelerator)
+    what = f"{len(images)} images of {WORKING_SIZE}x{WORKING_SIZE} ({len(np.unique(labels))} classes)"
+    if mode == "collapse":
+        if score_checkpoint is None:
+            raise ValueError("a quick collapse generator needs a path for its score estimator")
+        if not score_checkpoint.is_file():
+            print(f"training a quick score estimator on {what} ...", file=sys.stderr, flush=True)
+            train_quick_score(images, labels, score_checkpoint, seed=seed, accelerator=accelerator)
+    print(f"training a quick {mode} surrogate on {what} ...", file=sys.stderr, flush=True)
+    if mode in ("robust", "collapse"):
+        return train_quick_robust(images, labels, checkpoint, epsilon=epsilon, seed=seed, accelerator=accelerator,
+                                  score_checkpoint=score_checkpoint if mode == "collapse" else None)
     return train_quick_surrogate(images, labels, checkpoint, mode=mode, epsilon=epsilon, seed=seed,
                                  accelerator=accelerator)
 

@@ -86,27 +86,59 @@ def load_class_noise(path: str | Path) -> Tensor:
     return noise.float()
 
 
+def robust_step_size(epsilon: float, steps: int) -> float:
+    """alpha_u (1/255 units) of ``steps`` noise steps within ``epsilon``: REM's ratio (10 steps of rho_u / 5) kept at
+    any step count, so the steps travel twice the budget (from a random start, fewer steps of rho_u / 5 would leave
+    the noise near its random start: 4 such steps of 1.6/255 cannot reach the 8/255 edge), at least 0.25/255."""
+    return max(2 * epsilon / steps, 0.25)
+
+
 ROBUST = "RobustNoiseGenerator (ue fit --config configs/data/<data>.yaml --config configs/generator/rem.yaml)"
 
 
-def load_robust_generator(path: str | Path, device: torch.device, epsilon: float) -> RobustNoiseGenerator:
+def load_robust_generator(path: str | Path, device: torch.device, epsilon: float, *, collapse: bool = False,
+                          score_checkpoint: str | Path | None = None) -> RobustNoiseGenerator:
     """The RobustNoiseGenerator of the checkpoint at ``path`` (read with ``weights_only=True``), frozen, with its
-    noise budget set to ``epsilon`` (1/255 units; alpha_u at REM's ratio, epsilon / 5) and no score step: REM's
-    noise step (min over delta_u of the loss under its PGD adversary, over random crops and flips) at any size."""
+    noise budget set to ``epsilon`` (1/255 units; alpha_u from :func:`robust_step_size`).
+
+    ``collapse=False``: REM's noise step (min over delta_u of the loss under its PGD adversary, over random crops
+    and flips) at any size, whatever score model the generator was fitted with. ``collapse=True``: data collapse's
+    step, the same plus a step of alpha_s = alpha_u down the norm of the class-conditional score of
+    ``score_checkpoint`` (None: the ScoreEstimator checkpoint the generator was fitted with), a model of the
+    generator's classes, channels and image size. The score model is loaded here, so a wrong or missing one is
+    refused before any photo is written.
+    """
     hp, weights = read_classifier_checkpoint(path, name="--checkpoint", expected=ROBUST, fix=FIX)
     if "adv_radius" not in hp:
-        raise ValueError(f"--checkpoint {path} is not a RobustNoiseGenerator checkpoint (--method rem makes REM's noise "
-                         f"with its adversarially trained surrogate): {FIX}, or use --method em with it")
+        raise ValueError(f"--checkpoint {path} is not a RobustNoiseGenerator checkpoint (--method rem and collapse "
+                         f"make their noise with its adversarially trained surrogate): {FIX}, or use --method em "
+                         "with it")
     accepted = ("arch", "num_classes", "in_channels", "image_size", "width", "steps", "adv_radius", "adv_step_size",
                 "adv_steps", "eot_samples", "eot_padding", "eot_flip", "form", "start", "seed")
     kwargs = {k: hp[k] for k in accepted if k in hp}
+    step_size = robust_step_size(epsilon, int(hp.get("steps", 10)))
+    if collapse:
+        score_checkpoint = score_checkpoint or hp.get("score_checkpoint")
+        if not score_checkpoint:
+            raise ValueError(f"--checkpoint {path} was fitted without a score model (it is REM's): pass its "
+                             "ScoreEstimator checkpoint with --score_checkpoint, or use --method rem with it")
+        kwargs.update(score_checkpoint=str(score_checkpoint), score_step_size=step_size)
 
     def build() -> RobustNoiseGenerator:
-        return RobustNoiseGenerator(**kwargs, epsilon=epsilon, step_size=max(epsilon / 5, 0.25))
+        return RobustNoiseGenerator(**kwargs, epsilon=epsilon, step_size=step_size)
 
     with torch.device("meta"):
         skeleton = build()
     check_fits(skeleton.model, weights, name=f"--checkpoint {path}", what=f"{hp['arch']} (width={hp.get('width')})")
     generator = build()
     load_weights(generator.model, weights, name=f"--checkpoint {path}", what=hp["arch"])
-    return generator.eval().requires_grad_(False).to(device)
+    generator.eval().requires_grad_(False).to(device)
+    if collapse:
+        try:
+            generator.score_model(device)
+        except (ValueError, FileNotFoundError) as error:  # CheckpointError and CheckpointNotFoundError
+            reason = str(error).split("; train a score estimator", 1)[0]  # the fix for owners is not a config
+            raise ValueError(f"--score_checkpoint: {reason}; --method collapse needs the ScoreEstimator checkpoint "
+                             "the generator was fitted with (or leave --checkpoint out to train a quick one on the "
+                             "folder)") from None
+    return generator
