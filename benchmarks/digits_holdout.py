@@ -31,7 +31,9 @@ from pathlib import Path
 
 from ue_lightning.callbacks import PerturbationWriter
 from ue_lightning.compose import compose
-from ue_lightning.pipeline import GENERATORS, _as_list, _lightning_info_off, _uses_score_model, stage_cli
+from ue_lightning.console import lightning_info_off
+from ue_lightning.lightning_cli import stage_cli
+from ue_lightning.pipeline import GENERATORS, _as_list, _uses_score_model
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out" / "digits-holdout"
@@ -161,7 +163,7 @@ def main() -> None:
         p.error("--method is required (or --summary)")
     tag = a.tag or a.method
     start = time.time()
-    with _lightning_info_off():
+    with lightning_info_off():
         noise, surrogate = (None, {}) if a.method == "clean" else generate(a.method, tag, a.overrides, a.reuse)
         minutes = round((time.time() - start) / 60, 2)
         OUT.mkdir(parents=True, exist_ok=True)

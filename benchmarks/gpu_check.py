@@ -11,7 +11,7 @@ Stages, in order: the score estimator, EM sample-wise, EM class-wise, TUE, REM, 
 score estimator), and the pipeline's victim under PGD adversarial training (radius 16/255, 3 steps of 4/255) on
 the CPU run's EM sample-wise noise file (so that only the victim's own steps differ). Each is built as
 ``ue pipeline`` builds it: its configs composed with the embedded digits (``configs/data/digits.yaml``, no
-download) by ``ue_lightning.compose``, run through the package's LightningCLI (``ue_lightning.pipeline.stage_cli``:
+download) by ``ue_lightning.compose``, run through the package's LightningCLI (``ue_lightning.lightning_cli.stage_cli``:
 ``Trainer(accelerator=..., devices=1, max_steps=few)``), in the precision the configs set (none sets one: 32-true;
 ``--precision bf16-mixed`` runs the checked device in mixed precision against the 32-true CPU run) and in the
 memory layout the models choose (channels-last unless ``channels_last_is_safe`` refuses it: the greyscale digits'
@@ -68,7 +68,9 @@ from ue_lightning.callbacks import PerturbationWriter
 from ue_lightning.compose import compose
 from ue_lightning.data.noise_file import NoiseFile
 from ue_lightning.models import ImageClassifier
-from ue_lightning.pipeline import GENERATORS, _as_list, _lightning_info_off, stage_cli
+from ue_lightning.console import lightning_info_off
+from ue_lightning.lightning_cli import stage_cli
+from ue_lightning.pipeline import GENERATORS, _as_list
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = "configs/data/digits.yaml"
@@ -289,7 +291,7 @@ def check(device: torch.device, workdir: Path, tolerance: Tolerance, precision: 
                 row["error"] = f"needs {', '.join(stage.needs())}, which failed"
                 break
             try:
-                with _lightning_info_off(), warnings.catch_warnings():
+                with lightning_info_off(), warnings.catch_warnings():
                     # the CPU reference run on a GPU machine leaves the GPU unused on purpose
                     warnings.filterwarnings("ignore", message="GPU available but not used")
                     runs[side][stage.name] = run_stage(stage, dev, workdir / side / stage.name, inputs, prec)

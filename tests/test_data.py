@@ -173,7 +173,7 @@ def test_outputs_meant_to_be_published_get_the_users_umask(fake_cifar10, tmp_pat
     import stat
 
     from ue_lightning.noise_store import StreamingCheckpointIO
-    from ue_lightning.pipeline import _write_json
+    from ue_lightning.scratch import atomic_write_json
 
     def mode(path: Path) -> int:
         return stat.S_IMODE(path.stat().st_mode)
@@ -185,7 +185,7 @@ def test_outputs_meant_to_be_published_get_the_users_umask(fake_cifar10, tmp_pat
         exports = [export_protected(str(tmp_path / "n.safetensors"), str(tmp_path / f"export-{fmt}"), "cifar10",
                                     root=str(fake_cifar10), format=fmt) for fmt in ("png", "cifar")]
         StreamingCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "last.ckpt")
-        _write_json(tmp_path / "metrics.json", {"test_acc": 0.5})
+        atomic_write_json(tmp_path / "metrics.json", {"test_acc": 0.5})
     finally:
         os.umask(before)
     assert {name: mode(tmp_path / name) for name in ("n.safetensors", "last.ckpt", "metrics.json")} == {

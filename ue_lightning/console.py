@@ -20,7 +20,8 @@ import os
 import re
 import sys
 import warnings
-from typing import Iterable, NoReturn
+from contextlib import contextmanager
+from typing import Iterable, Iterator, NoReturn
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import TQDMProgressBar
@@ -30,6 +31,22 @@ from tqdm import tqdm
 def debugging() -> bool:
     """``UE_DEBUG`` is set: show tracebacks, third-party warnings and Lightning's INFO lines as they come."""
     return bool(os.environ.get("UE_DEBUG"))
+
+
+@contextmanager
+def lightning_info_off() -> Iterator[None]:
+    """Lightning's INFO lines (devices, seed, stop reasons) off while in-process stages run (the benchmarks' scripts,
+    ``ue protect``'s quick generators): they would repeat at every stage. Its warnings still show; UE_DEBUG=1 shows
+    all."""
+    loggers = [] if debugging() else [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def progress(iterable: Iterable | None = None, *, desc: str, total: int | None = None, unit: str = "batch",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ue_lightning.compose import fill_placeholders, missing_overlays, run_names, unnamed_error
-from ue_lightning.console import OneLineErrors, import_class, quiet_third_party
+from ue_lightning.console import OneLineErrors, TransientProgressBar, import_class, quiet_third_party
 from ue_lightning.data import UEDataModule
 from ue_lightning.models.checkpoint import check_fits, load_checkpoint_file, refuse_url
 from ue_lightning.noise_store import stream_checkpoints
@@ -207,3 +208,30 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> UECLI:
         args=args,
         run=run,
     )
+
+
+def check_config(path: str) -> str:
+    """``path``, once it is known to be a file (else a one-line error naming the fix)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config {path} not found: run `ue pipeline` from the repository root "
+                                "(configs/ lives there) or pass the config paths explicitly")
+    return path
+
+
+def stage_cli(config: str | list[str], root: Path, *overrides: str, progress: bool | None = None):
+    """The LightningCLI of one stage (not run): ``config`` (one path, or several merged in order) plus
+    ``overrides``, writing only below ``root``, logging to CSV (``root/logs``), no checkpoints; a progress bar
+    if ``progress`` (None: on a terminal). The notebook uses it too."""
+    # The configs' callbacks write checkpoints and noise files to their own runs/ folders; the pipeline keeps
+    # its models in memory and writes everything it keeps below its workdir instead. Lightning's bars are
+    # shown on a terminal only, and cleared after each loop: the stage lines are the pipeline's record.
+    terminal = sys.stdout.isatty() if progress is None else progress
+    callbacks = [{"class_path": f"{TransientProgressBar.__module__}.TransientProgressBar"}] if terminal else []
+    configs = [config] if isinstance(config, str) else list(config)
+    args = [*(a for c in configs for a in ("--config", check_config(c))), "--trainer.default_root_dir", str(root),
+            "--trainer.callbacks", json.dumps(callbacks), "--trainer.enable_checkpointing", "false",
+            "--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                            "init_args": {"save_dir": str(root), "name": "logs"}}),
+            "--trainer.enable_progress_bar", json.dumps(terminal), "--trainer.enable_model_summary", "false",
+            *overrides]
+    return build_cli(args, run=False)

@@ -9,32 +9,22 @@ thread (so the table is the same for any thread count), ``jobs`` stages at once.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
-import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import yaml
 
 from ue_lightning.callbacks import PerturbationWriter
 from ue_lightning.compose import compose
-from ue_lightning.console import TransientProgressBar, debugging
-from ue_lightning.lightning_cli import build_cli
-from ue_lightning.scratch import atomic_write_bytes
-
-
-def _check_config(path: str) -> str:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"config {path} not found: run `ue pipeline` from the repository root "
-                                "(configs/ lives there) or pass the config paths explicitly")
-    return path
+from ue_lightning.console import debugging
+from ue_lightning.lightning_cli import check_config, stage_cli
+from ue_lightning.scratch import atomic_write_json
 
 
 def _uses_score_model(configs: list[str]) -> bool:
@@ -43,25 +33,6 @@ def _uses_score_model(configs: list[str]) -> bool:
         if "score_checkpoint" in (model.get("init_args") or {}):
             return True
     return False
-
-
-def stage_cli(config: str | list[str], root: Path, *overrides: str, progress: bool | None = None):
-    """The LightningCLI of one stage (not run): ``config`` (one path, or several merged in order) plus
-    ``overrides``, writing only below ``root``, logging to CSV (``root/logs``), no checkpoints; a progress bar
-    if ``progress`` (None: on a terminal). The notebook uses it too."""
-    # The configs' callbacks write checkpoints and noise files to their own runs/ folders; the pipeline keeps
-    # its models in memory and writes everything it keeps below its workdir instead. Lightning's bars are
-    # shown on a terminal only, and cleared after each loop: the stage lines are the pipeline's record.
-    terminal = sys.stdout.isatty() if progress is None else progress
-    callbacks = [{"class_path": f"{TransientProgressBar.__module__}.TransientProgressBar"}] if terminal else []
-    configs = [config] if isinstance(config, str) else list(config)
-    args = [*(a for c in configs for a in ("--config", _check_config(c))), "--trainer.default_root_dir", str(root),
-            "--trainer.callbacks", json.dumps(callbacks), "--trainer.enable_checkpointing", "false",
-            "--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                            "init_args": {"save_dir": str(root), "name": "logs"}}),
-            "--trainer.enable_progress_bar", json.dumps(terminal), "--trainer.enable_model_summary", "false",
-            *overrides]
-    return build_cli(args, run=False)
 
 
 class _Announcer:
@@ -78,26 +49,6 @@ class _Announcer:
 
     def end(self, number: str, seconds: float) -> None:
         print(f"   {number} done ({seconds:.0f} s)", flush=True)
-
-
-@contextmanager
-def _lightning_info_off() -> Iterator[None]:
-    """Lightning's INFO lines (devices, seed, stop reasons) off while in-process stages run (the benchmarks'
-    scripts): they would repeat at every stage. Its warnings still show; UE_DEBUG=1 shows all."""
-    loggers = [] if debugging() else [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """``data`` as JSON at ``path``, atomically and with the user's umask (:func:`~ue_lightning.scratch.atomic_write_bytes`)."""
-    atomic_write_bytes(path, json.dumps(data, indent=2).encode())
 
 
 #: The default generators, each composed with ``data`` (collapse is REM's loop plus the score step).
@@ -139,7 +90,7 @@ def run_pipeline(
     """
     methods = generators if generators is not None else GENERATORS
     for config in [data, *_as_list(score), *_as_list(victim), *(c for m in methods.values() for c in _as_list(m))]:
-        _check_config(config)
+        check_config(config)
     composed = {name: compose(data, *_as_list(m)) for name, m in methods.items()}
     adv_radii = adv_radii if adv_radii is not None else [0.0]
     jobs = torch.get_num_threads() if jobs is None else jobs
@@ -199,7 +150,7 @@ def _train_victim(configs: list[str], root: Path, extra: list[str]) -> dict[str,
 def _one_thread_worker() -> None:
     """A worker computes on one CPU thread: its floats, hence the table, do not depend on the machine's
     thread count (sums over 1 and 2 threads are ordered differently, and training amplifies the difference).
-    Lightning's INFO lines are off for the worker's life (see ``_lightning_info_off``)."""
+    Lightning's INFO lines are off for the worker's life (see :func:`~ue_lightning.console.lightning_info_off`)."""
     torch.set_num_threads(1)
     if not debugging():
         for name in ("lightning.pytorch", "lightning.fabric"):
@@ -256,7 +207,7 @@ def _run_stages(score: list[str] | None, generators: dict[str, list[str]], victi
                     done[name] = future.result()  # a stage's error is raised here, with its traceback
                     announce.end(number, time.time() - start)
                     if stages[name].cell:
-                        _write_json(work / "results.json", _results(stages, done))
+                        atomic_write_json(work / "results.json", _results(stages, done))
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise

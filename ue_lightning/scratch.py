@@ -10,11 +10,13 @@ sibling of another host (a multi-node run on a shared filesystem) or of a live p
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def _prefix(output: Path) -> str:
@@ -87,3 +89,8 @@ def atomic_write_bytes(output: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(output: Path, data: Any) -> None:
+    """``data`` as indented JSON at ``output``, atomically and with the user's umask (:func:`atomic_write_bytes`)."""
+    atomic_write_bytes(output, json.dumps(data, indent=2).encode())

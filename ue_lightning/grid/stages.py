@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ue_lightning.grid.spec import Stage
+from ue_lightning.scratch import atomic_write_json
 
 
 @contextmanager
@@ -43,11 +44,9 @@ def output_to(log: Path) -> Iterator[None]:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Atomically (temporary sibling, then rename): a killed run never leaves half a result."""
-    from ue_lightning.pipeline import _write_json
-
+    """Atomically (temporary sibling, then rename), its folder made first: a killed run never leaves half a result."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, data)
+    atomic_write_json(path, data)
 
 
 def _trains(model) -> bool:
@@ -68,7 +67,7 @@ def _callbacks(stage: Stage) -> str:
 
 def build(stage: Stage):
     """The stage's LightningCLI (run=False), built as ``ue pipeline`` builds its stages."""
-    from ue_lightning.pipeline import stage_cli
+    from ue_lightning.lightning_cli import stage_cli
 
     folder = Path(stage.folder)
     more = [a for config in stage.configs[1:] for a in ("--config", config)]

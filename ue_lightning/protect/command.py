@@ -28,7 +28,7 @@ from ue_lightning.protect.methods import MODES, NOISE_MAKERS
 from ue_lightning.protect.quick import fit_quick_surrogate
 from ue_lightning.protect.report import REPORT_FILES, write_report
 from ue_lightning.protect.verify import DEFAULT_PLATFORMS, VictimSettings, check_verify_options, verify_protection
-from ue_lightning.scratch import atomic_write_bytes
+from ue_lightning.scratch import atomic_write_json
 
 SETTINGS_FILE = "settings.json"
 RECORD_FILE = "inputs.jsonl"
@@ -58,7 +58,7 @@ def _claim_output(output_dir: Path, settings: dict[str, Any]) -> None:
         raise FileExistsError(f"--output {output_dir} exists, is not empty and was not written by ue protect: "
                               "choose a new folder (nothing was written)")
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(recorded, json.dumps(settings, indent=2).encode())
+    atomic_write_json(recorded, settings)
 
 
 def _device(name: str) -> torch.device:

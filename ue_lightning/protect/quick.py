@@ -17,7 +17,6 @@ Labels are the class folders; a flat folder (sample-wise only) uses k-means clus
 
 from __future__ import annotations
 
-import logging
 import shutil
 import sys
 import warnings
@@ -32,6 +31,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from ue_lightning.console import lightning_info_off
 from ue_lightning.data import UEDataModule
 from ue_lightning.data.datamodule import stratified_subset
 from ue_lightning.modules import ErrorMinimizingNoise, RobustNoiseGenerator, ScoreEstimator
@@ -209,16 +209,8 @@ def fit_quick_surrogate(jobs: list[ImageJob], classes: list[str], checkpoint: Pa
 @contextmanager
 def quiet_lightning() -> Iterator[None]:
     """Lightning's INFO lines (devices, stop reasons) and its small-data warnings, silenced for a run."""
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            for noise in ("does not have many workers", "is smaller than the logging", "no `validation_step`",
-                          "LeafSpec"):
-                warnings.filterwarnings("ignore", message=f".*{noise}")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+    with lightning_info_off(), warnings.catch_warnings():
+        for noise in ("does not have many workers", "is smaller than the logging", "no `validation_step`",
+                      "LeafSpec"):
+            warnings.filterwarnings("ignore", message=f".*{noise}")
+        yield

@@ -8,7 +8,6 @@ is never changed), computed from the files as written. Overall: the same, summar
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from ue_lightning.pictures import perturbation_grid, titled
 from ue_lightning.protect.verify import markdown as verify_markdown
-from ue_lightning.scratch import atomic_write_bytes
+from ue_lightning.scratch import atomic_write_bytes, atomic_write_json
 
 REPORT_FILES = ("report.json", "report.md", "grid.png")
 SSIM_MIN_SIDE = 11  # the Gaussian window of SSIM
@@ -110,7 +109,7 @@ def write_report(output_dir: Path, report: dict[str, Any], grid_samples: list[tu
     ``grid_samples``: ``(clean uint8 (C, H, W), int8 delta (C, H, W))`` pairs, colour channels only.
     """
     report = {**report, "summary": summary(report["images"])}
-    atomic_write_bytes(output_dir / "report.json", json.dumps(report, indent=2).encode())
+    atomic_write_json(output_dir / "report.json", report)
     atomic_write_bytes(output_dir / "report.md", markdown(report).encode())
     if grid_samples:
         grid = perturbation_grid([c for c, _ in grid_samples], [d for _, d in grid_samples], epsilon)
