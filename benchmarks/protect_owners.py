@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from ue_lightning.protect.images import find_images, read_photo
-from ue_lightning.protect.verify import VictimSettings, held_out, parse_platform, train_and_score, verdict, victim_input
+from ue_lightning.protect.platforms import parse_platform
+from ue_lightning.protect.verify import VictimSettings, held_out, train_and_score, verdict, victim_input
 
 
 def load(folder: Path, jobs) -> list[torch.Tensor]:

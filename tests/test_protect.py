@@ -387,7 +387,7 @@ def test_verify_needs_class_folders(tmp_path, capsys):
 
 
 def test_a_platform_reencodes_or_resizes_the_photo():
-    from ue_lightning.protect.verify import parse_platform
+    from ue_lightning.protect.platforms import parse_platform
 
     torch.manual_seed(0)
     image = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
@@ -548,3 +548,33 @@ def test_collapse_refuses_a_generator_or_score_model_it_cannot_use(protected_run
                                        "--score_checkpoint", str(score)]}[case]
     err = _ue_error(capsys, "--input", str(photos), "--output", str(tmp_path / "o"), *args)
     assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists(), err
+
+
+def test_through_jpeg_gives_the_jpeg_round_trip_forward_and_the_identity_backward():
+    from ue_lightning.protect.platforms import jpeg, through_jpeg
+
+    torch.manual_seed(0)
+    x = (torch.rand(2, 3, 24, 20) * 255).round().div(255).requires_grad_(True)
+    y = through_jpeg(x, 75)
+    expected = torch.stack([jpeg(75)((img * 255).round().to(torch.uint8)) for img in x.detach()]).float() / 255
+    assert torch.allclose(y, expected, atol=1e-6) and not torch.allclose(y, x)
+    weights = torch.randn_like(x)
+    (grad,) = torch.autograd.grad((y * weights).sum(), x)
+    assert torch.equal(grad, weights)
+    grey = through_jpeg(x[:, :1], 75)
+    assert grey.shape == (2, 1, 24, 20)
+
+
+def test_eot_jpeg_noise_is_in_budget_and_differs_from_plain_em(protected_run, tmp_path, capsys):
+    photos, first, _ = protected_run
+    noise = {}
+    for quality in (0, 75):
+        out = tmp_path / f"q{quality}"
+        report = protect_folder(str(photos), str(out), checkpoint=str(first / "surrogate.ckpt"), steps=3,
+                                eot_jpeg=quality, device="cpu")
+        assert all(0 < entry["max_abs_delta"] <= EPSILON for entry in report["images"])
+        noise[quality] = {k: np.asarray(Image.open(out / Path(k).with_suffix(".png"))) for k in GOOD}
+    assert any(not np.array_equal(noise[0][k], noise[75][k]) for k in GOOD)
+    err = _ue_error(capsys, "--input", str(photos), "--output", str(tmp_path / "o"), "--method", "em-classwise",
+                    "--eot_jpeg", "75")
+    assert "--eot_jpeg 75: give a JPEG quality in 1..95 (0: off), with --method em" in err

@@ -79,6 +79,7 @@ def protect_folder(
     steps: int = 20,
     step_size: float | None = None,
     working_size: int = 256,
+    eot_jpeg: int = 0,
     batch_size: int = 32,
     seed: int = 0,
     grid_images: int = 6,
@@ -117,6 +118,8 @@ def protect_folder(
         step_size: PGD step in 1/255 units (None: 2.5 * epsilon / steps, at least 0.25).
         working_size: ``em``: an image whose longer side is larger gets its noise made at this longer side
             (pixels; shrunk, aspect kept) and stretched back over it; 0: always at full size.
+        eot_jpeg: ``em``: a JPEG quality (1-95) the noise is also made to work through (the photo as written and
+            its JPEG round trip, each step; twice the time); 0: off.
         batch_size: images of one size put through PGD together (fewer when they are large: at most
             2**20 working pixels a batch). Speed only: the noise is each image's own.
         seed: seed of the quick generator, its training images and clusters.
@@ -146,6 +149,9 @@ def protect_folder(
     if working_size != 0 and working_size < MIN_WORKING_SIZE:
         raise ValueError(f"--working_size {working_size} is too small: use 0 (full size) or at least "
                          f"{MIN_WORKING_SIZE} pixels (the surrogate's own input is 32)")
+    if eot_jpeg and (method != "em" or not 1 <= eot_jpeg <= 95):
+        raise ValueError(f"--eot_jpeg {eot_jpeg}: give a JPEG quality in 1..95 (0: off), with --method em (the "
+                         "other methods do not take it)")
     step_size = max(2.5 * epsilon / steps, 0.25) if step_size is None else step_size
     budget_to_pixels(step_size, "step_size", allow_zero=False)
     jobs, skipped = find_images(input_dir, output_dir, reserved=REPORT_FILES)
@@ -161,6 +167,8 @@ def protect_folder(
     run = _device(device)
     settings = {"method": method, "epsilon": float(epsilon), "steps": int(steps), "step_size": float(step_size),
                 "working_size": int(working_size) or None, "seed": int(seed), "surrogate_sha256": "quick"}
+    if eot_jpeg:  # recorded only when on: an earlier run's settings.json stays valid for a resume
+        settings["eot_jpeg"] = int(eot_jpeg)
     if checkpoint is not None:
         noise = NOISE_MAKERS[method](checkpoint, classes, dict(settings, score_checkpoint=score_checkpoint),
                                      run)  # a wrong checkpoint: refused before writing

@@ -42,7 +42,7 @@ class SamplewiseNoise:
         labels, s = self.labels(jobs, colours), self.settings
         return labels, error_minimizing_deltas(self.surrogate, colours, labels, epsilon=s["epsilon"],
                                                steps=s["steps"], step_size=s["step_size"],
-                                               working_size=s["working_size"])
+                                               working_size=s["working_size"], eot_jpeg=s.get("eot_jpeg", 0))
 
 
 class ClasswiseNoise:

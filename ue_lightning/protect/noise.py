@@ -16,6 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ue_lightning.attacks import budget_to_pixels, logit_margin_sum, pgd_minimize
 from ue_lightning.data.noise_file import quantize_delta
+from ue_lightning.protect.platforms import through_jpeg
 from ue_lightning.protect.surrogate import Surrogate, match_channels
 
 #: ``(x (B, C, h, w) in [0, 1], labels (B,)) -> float noise (B, C, h, w), pixel units``.
@@ -52,7 +53,7 @@ def at_working_size(make_noise: PixelNoise, colours: Tensor, labels: Tensor, eps
 
 
 def error_minimizing_deltas(surrogate: Surrogate, colours: Tensor, labels: Tensor, *, epsilon: float, steps: int,
-                            step_size: float, working_size: int | None = None) -> Tensor:
+                            step_size: float, working_size: int | None = None, eot_jpeg: int = 0) -> Tensor:
     """int8 noise (B, C, H, W) in 1/255 units for a batch of same-size uint8 images ``colours`` (B, C, H, W).
 
     ``steps`` sign steps of ``step_size`` (1/255 units) from zero, descending the surrogate's
@@ -62,12 +63,20 @@ def error_minimizing_deltas(surrogate: Surrogate, colours: Tensor, labels: Tenso
     cross-entropy gradient of exactly zero (no noise at all) in float32. The surrogate is in
     eval mode and the loss a sum, so each image's noise is the one it gets alone (batching
     changes only float rounding). At :func:`working_shape` for large images.
+
+    ``eot_jpeg`` (a JPEG quality, 0: off): the loss is that of the photo as written plus that of its JPEG round
+    trip at this quality (:func:`~ue_lightning.protect.platforms.through_jpeg`), so the noise minimises both: an
+    expectation over the two ways the photo may be seen (EOT). Twice the surrogate passes a step.
     """
     device = next(surrogate.model.parameters()).device
     radius, alpha = budget_to_pixels(epsilon, "epsilon"), budget_to_pixels(step_size, "step_size")
 
     def descend(x: Tensor, y: Tensor) -> Tensor:
-        return pgd_minimize(logit_margin_sum(surrogate, y), x, radius=radius, step_size=alpha, steps=steps)
+        loss = logit_margin_sum(surrogate, y)
+        if eot_jpeg:
+            plain = loss
+            loss = lambda z: plain(z) + plain(through_jpeg(z, eot_jpeg))  # noqa: E731
+        return pgd_minimize(loss, x, radius=radius, step_size=alpha, steps=steps)
 
     return at_working_size(descend, colours, labels, epsilon, working_size, device)
 

@@ -17,62 +17,24 @@ or a defence (``docs/defences.md``) can learn more.
 
 from __future__ import annotations
 
-import io
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from ue_lightning.data import UEDataModule
 from ue_lightning.modules import VictimClassifier
 from ue_lightning.protect.images import ImageJob, read_photo
+from ue_lightning.protect.platforms import DEFAULT_PLATFORMS, PlatformFn, parse_platform
 from ue_lightning.protect.quick import quiet_lightning
 from ue_lightning.scratch import scratch_dir
-
-#: ``uint8 (3, H, W) -> uint8 (3, h, w)``: what a platform does to a photo.
-PlatformFn = Callable[[Tensor], Tensor]
-DEFAULT_PLATFORMS = ("jpeg:75", "resize:0.5")
-
-
-def jpeg(quality: int) -> PlatformFn:
-    """Re-encode as JPEG at ``quality`` (PIL's encoder, 4:2:0 chroma as most sites use) and decode."""
-    def apply(image: Tensor) -> Tensor:
-        buffer = io.BytesIO()
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=quality)
-        decoded = np.array(Image.open(buffer).convert("RGB"))
-        return torch.from_numpy(decoded).permute(2, 0, 1).contiguous()
-    return apply
-
-
-def resize(scale: float) -> PlatformFn:
-    """Resize by ``scale`` (each side; antialiased, rounded to whole pixels, at least 1)."""
-    def apply(image: Tensor) -> Tensor:
-        h, w = image.shape[1:]
-        return TF.resize(image, [max(1, round(h * scale)), max(1, round(w * scale))], antialias=True)
-    return apply
-
-
-def parse_platform(spec: str) -> tuple[str, PlatformFn]:
-    """``jpeg:<quality 1-95>`` or ``resize:<scale in (0, 1]>`` -> ``(name, function)``."""
-    kind, _, value = spec.partition(":")
-    try:
-        if kind == "jpeg" and 1 <= int(value) <= 95:
-            return f"JPEG {int(value)}", jpeg(int(value))
-        if kind == "resize" and 0 < float(value) <= 1:
-            return f"resize x{float(value):g}", resize(float(value))
-    except ValueError:
-        pass
-    raise ValueError(f"--verify_platforms: {spec!r} is not a platform: write jpeg:<quality 1-95> or "
-                     "resize:<scale in (0, 1]>, e.g. jpeg:75 or resize:0.5")
-
 
 @dataclass
 class VictimSettings:
