@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from common import SHARED_NPZ, machine, timed
-from ue_lightning.attacks import cross_entropy_sum, input_gradient
+from ue_lightning.ops.attacks import cross_entropy_sum, input_gradient
 from ue_lightning.modules.robust import RobustNoiseGenerator
 
 

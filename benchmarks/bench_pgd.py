@@ -4,7 +4,7 @@
 
 A PGD step is one forward, one input gradient (torch.autograd.grad on delta), a sign
 step and a projection; parameters' gradients are never computed. The floor is
-`ue_lightning.attacks.input_gradient` alone on the same model and batch.
+`ue_lightning.ops.attacks.input_gradient` alone on the same model and batch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from common import best_of, machine, timed
-from ue_lightning.attacks import input_gradient, pgd_minimize
+from ue_lightning.ops.attacks import input_gradient, pgd_minimize
 from ue_lightning.models import build_classifier
 
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ue_lightning.attacks import cross_entropy_sum, pgd_minimize
-from ue_lightning.augment import random_crop_flip
+from ue_lightning.ops.attacks import cross_entropy_sum, pgd_minimize
+from ue_lightning.ops.augment import random_crop_flip
 from ue_lightning.data import NoiseFile
 from ue_lightning.data.datamodule import stratified_subset
 from ue_lightning.models import build_classifier

@@ -23,7 +23,7 @@ from common import SHARED_NPZ  # noqa: E402
 
 from ue_lightning.data import UEDataModule  # noqa: E402
 from ue_lightning.modules import ScoreEstimator  # noqa: E402
-from ue_lightning.purification import tweedie_denoise  # noqa: E402
+from ue_lightning.data.purification import tweedie_denoise  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

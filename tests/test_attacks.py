@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ue_lightning.attacks import budget_to_pixels, pgd_maximize, pgd_minimize
+from ue_lightning.ops.attacks import budget_to_pixels, pgd_maximize, pgd_minimize
 from ue_lightning.models import build_classifier
 
 
@@ -73,7 +73,7 @@ def test_budget_conversion():
 
 
 def test_logit_margin_steps_like_cross_entropy_and_keeps_moving_when_it_underflows():
-    from ue_lightning.attacks import cross_entropy_sum, input_gradient, logit_margin_sum
+    from ue_lightning.ops.attacks import cross_entropy_sum, input_gradient, logit_margin_sum
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))

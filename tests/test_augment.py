@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ue_lightning.augment import crop_flip, random_crop_flip
+from ue_lightning.ops.augment import crop_flip, random_crop_flip
 
 
 def test_crop_flip_equals_a_per_sample_slice_of_the_padded_image():

@@ -172,7 +172,7 @@ def test_outputs_meant_to_be_published_get_the_users_umask(fake_cifar10, tmp_pat
     """Noise files, exports, checkpoints and result files were written 0600 (folders 0700) through mkstemp/mkdtemp."""
     import stat
 
-    from ue_lightning.noise_store import StreamingCheckpointIO
+    from ue_lightning.modules.noise_store import StreamingCheckpointIO
     from ue_lightning.scratch import atomic_write_json
 
     def mode(path: Path) -> int:

@@ -14,11 +14,11 @@ from torchvision.transforms import v2
 from conftest import REPO
 from ue_lightning.data import UEDataModule
 from ue_lightning.data import NoiseFile, NoiseMetadata, protected_mask
-from ue_lightning.defences import (DEFENCES, BatchMix, BitDepth, Cutout, Jpeg, PlasmaBrightness, PlasmaContrast,
+from ue_lightning.data.defences import (DEFENCES, BatchMix, BitDepth, Cutout, Jpeg, PlasmaBrightness, PlasmaContrast,
                                    build_defence, grayscale, plasma)
 from ue_lightning.lightning_cli import build_cli
 from ue_lightning.modules import ScoreEstimator, VictimClassifier
-from ue_lightning.purification import PurifiedImages, label_blind, tweedie_denoise
+from ue_lightning.data.purification import PurifiedImages, label_blind, tweedie_denoise
 
 
 def smooth_image(size: int = 32) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ue_lightning.data import UEDataModule
 from ue_lightning.data.noise_file import NoiseFile, quantize_delta
 from ue_lightning.modules import ErrorMinimizingNoise
 from ue_lightning.modules.em import CHECKPOINT_KEY
-from ue_lightning.padding import first_unseen
+from ue_lightning.ops.shard_duplicates import first_unseen
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 

@@ -13,9 +13,9 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from conftest import cpu_trainer
-from ue_lightning import noise_store
+from ue_lightning.modules import noise_store
 from ue_lightning.modules import ErrorMinimizingNoise, TransferableNoise
-from ue_lightning.noise_store import NoiseStore, StreamingCheckpointIO, choose_kind, stream_checkpoints
+from ue_lightning.modules.noise_store import NoiseStore, StreamingCheckpointIO, choose_kind, stream_checkpoints
 
 
 def _trainer(tmp_path) -> L.Trainer:

@@ -4,7 +4,7 @@ import zlib
 
 import pytest
 
-from ue_lightning.sample_rng import salt_of
+from ue_lightning.ops.sample_rng import salt_of
 
 
 def test_salt_of_named_and_numbered_salts_are_pinned():

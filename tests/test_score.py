@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import config_args, cpu_trainer, memory_cap, run_ue, shipped
 from ue_lightning.modules import ScoreEstimator
 from ue_lightning.modules.score import ScoreCheckpointError, geometric_sigmas
-from ue_lightning.sample_rng import indexed_normal
+from ue_lightning.ops.sample_rng import indexed_normal
 
 SIZE, TAU, SIGMA = 8, 0.05, 0.1  # 1x8x8 images, class std TAU, DSM noise SIGMA (pixel units)
 

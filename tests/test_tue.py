@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import config_args, cpu_trainer, run_ue, shipped
-from ue_lightning.attacks import pgd_minimize
+from ue_lightning.ops.attacks import pgd_minimize
 from ue_lightning.data import NoiseFile, UEDataModule
 from ue_lightning.modules import TransferableNoise
 from ue_lightning.modules.simclr import classwise_separability, nt_xent, simclr_views
-from ue_lightning.padding import first_occurrences
+from ue_lightning.ops.shard_duplicates import first_occurrences
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 shared cores: oversubscribed threads are far slower than one
 

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ue_lightning.data.noise_file import NoiseFile, NoiseFileWriter, NoiseMetadata
 from ue_lightning.pictures import perturbation_grid
-from ue_lightning.padding import first_occurrences
+from ue_lightning.ops.shard_duplicates import first_occurrences
 from ue_lightning.scratch import scratch_dir
 
 

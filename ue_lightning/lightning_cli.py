@@ -25,7 +25,7 @@ from ue_lightning.compose import fill_placeholders, missing_overlays, run_names,
 from ue_lightning.console import OneLineErrors, TransientProgressBar, import_class, quiet_third_party
 from ue_lightning.data import UEDataModule
 from ue_lightning.models.checkpoint import check_fits, load_checkpoint_file, refuse_url
-from ue_lightning.noise_store import stream_checkpoints
+from ue_lightning.modules.noise_store import stream_checkpoints
 
 
 #: How to get a checkpoint ``ue`` accepts, ending every refusal of a ``--ckpt_path``.
@@ -108,7 +108,7 @@ class UECLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """The trainer; its default logger (``logger`` unset or true) writes TensorBoard and CSV, side by side, and
-        its checkpoints are read by the package's own loader (:class:`~ue_lightning.noise_store.StreamingCheckpointIO`)."""
+        its checkpoints are read by the package's own loader (:class:`~ue_lightning.modules.noise_store.StreamingCheckpointIO`)."""
         config = self._get(self.config_init, "trainer", default={})
         if "logger" not in kwargs and config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())

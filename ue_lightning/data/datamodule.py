@@ -14,9 +14,9 @@ from torchvision.transforms import v2
 
 from ue_lightning.data.datasets import DATASETS, CleanImages, load_dataset
 from ue_lightning.data.noise_file import NoiseFile, NoiseFileError, apply_delta
-from ue_lightning.defences import DEFENCES, Defence, DefenceName, Views, build_defence
+from ue_lightning.data.defences import DEFENCES, Defence, DefenceName, Views, build_defence
 from ue_lightning.models.frozen_score import load_frozen_score
-from ue_lightning.purification import PurifiedImages, label_blind
+from ue_lightning.data.purification import PurifiedImages, label_blind
 
 
 def stratified_subset(labels: Tensor, size: int, seed: int) -> Tensor:
@@ -164,14 +164,14 @@ class UEDataModule(L.LightningDataModule):
         predict_split: split served by ``predict`` (``train`` to generate noise), clean,
             unaugmented and in order.
         defence: what a data thief does to the train images after reading them (protected
-            or not), with its paper's parameters (``ue_lightning.defences``): ``jpeg10``,
+            or not), with its paper's parameters (``ue_lightning.data.defences``): ``jpeg10``,
             ``jpeg50``, ``grayscale``, ``bitdepth``, ``cutout``, ``mixup``, ``cutmix``, ``iss``,
             ``ueraser``, ``ueraser-max`` or ``none``. Never applied to test or predict data. ``mixup`` and
             ``cutmix`` turn train labels into soft targets (B, num_classes); ``ueraser-max`` makes
             train batches of 5 views of each image (B, 5, C, H, W), which the victim trains on.
         purify_with: a :class:`~ue_lightning.modules.ScoreEstimator` checkpoint (``last.ckpt`` of
             ``configs/score/dsm.yaml`` on this data): before training, the thief purifies the train
-            images (protected or not) with it, once (``ue_lightning.purification``: noise at the
+            images (protected or not) with it, once (``ue_lightning.data.purification``: noise at the
             model's sigma, one denoising step), before ``defence``. None: no purification.
         purify_labels: ``blind`` (default): the score averaged over every class, the same denoiser for
             every image; ``own``: each image's own label, which writes the label into the image (a

@@ -60,15 +60,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.v2 import functional as TF
 
-from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, logit_margin_sum, pgd_minimize, project_linf
+from ue_lightning.ops.attacks import budget_to_pixels, cross_entropy_sum, logit_margin_sum, pgd_minimize, project_linf
 from ue_lightning.data.datamodule import stratified_subset
 from ue_lightning.models import batchnorm_statistics_frozen, build_classifier, in_mode
-from ue_lightning.augment import random_crop_flip
+from ue_lightning.ops.augment import random_crop_flip
 from ue_lightning.console import progress
 from ue_lightning.modules.generator_base import StoredNoiseGenerator
-from ue_lightning.noise_store import StoreKind
-from ue_lightning.padding import first_unseen
-from ue_lightning.sample_rng import salt_of
+from ue_lightning.modules.noise_store import StoreKind
+from ue_lightning.ops.shard_duplicates import first_unseen
+from ue_lightning.ops.sample_rng import salt_of
 
 CHECKPOINT_KEY = "error_minimizing_noise"
 NOISE_LOSSES = {"cross_entropy": cross_entropy_sum, "logit_margin": logit_margin_sum}
@@ -118,7 +118,7 @@ class ErrorMinimizingNoise(StoredNoiseGenerator):
         noise_loss: what the noise pass descends: ``cross_entropy`` (the reference) or ``logit_margin``
             (the same sign steps, but no gradient underflow to exactly zero on samples the
             surrogate already classifies with certainty: see
-            :func:`~ue_lightning.attacks.logit_margin_sum`; ``ue protect`` uses it on small folders).
+            :func:`~ue_lightning.ops.attacks.logit_margin_sum`; ``ue protect`` uses it on small folders).
         noise_dtype, noise_store, noise_store_dir: how the noise state is stored, see
             :class:`~ue_lightning.modules.generator_base.StoredNoiseGenerator`.
     """

@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from ue_lightning.attacks import budget_to_pixels
+from ue_lightning.ops.attacks import budget_to_pixels
 from ue_lightning.callbacks import log_perturbation_grid, tensorboard_loggers
 from ue_lightning.data.noise_file import quantize_delta
-from ue_lightning.noise_store import NoiseStore, StoreKind, choose_kind, stream_checkpoints
-from ue_lightning.padding import first_occurrences, first_unseen
+from ue_lightning.modules.noise_store import NoiseStore, StoreKind, choose_kind, stream_checkpoints
+from ue_lightning.ops.shard_duplicates import first_occurrences, first_unseen
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -83,7 +83,7 @@ class StoredNoiseGenerator(NoiseGenerator):
 
     The noise is (R, C, H, W) in pixel units, R = the train split's N samples (sample-wise; the
     whole split at its stored size, indexed by sample) or K classes (class-wise), on the CPU,
-    in a :class:`~ue_lightning.noise_store.NoiseStore` (in memory or a node-shared memory-mapped
+    in a :class:`~ue_lightning.modules.noise_store.NoiseStore` (in memory or a node-shared memory-mapped
     file). It is not a registered buffer: DDP would broadcast it at every step; ranks instead
     stay identical by gathering every update (:meth:`_store_batch`).
 
@@ -243,7 +243,7 @@ class StoredNoiseGenerator(NoiseGenerator):
         """Gather a pass's batch over ranks, drop repeated indices and store the noise of the rest.
 
         Repeats are dropped within the gathered batch, and, given ``seen`` (bool (N,)), across
-        the pass (:func:`~ue_lightning.padding.first_unseen`). Returns the gathered ``index``,
+        the pass (:func:`~ue_lightning.ops.shard_duplicates.first_unseen`). Returns the gathered ``index``,
         the bool mask of the rows kept and the gathered ``extra`` tensors.
         """
         index, delta = self._gather(index), self._gather(delta)

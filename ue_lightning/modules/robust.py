@@ -19,7 +19,7 @@ Per training batch (manual optimisation, one surrogate update per batch as REM d
 Steps 1 and 2 run with the surrogate frozen, BatchNorm in ``inner_mode`` (``eval``, as REM),
 gradients by :func:`torch.autograd.grad` on the perturbation only; step 3 is the only
 place that writes parameter gradients. All random draws (starts, crops, flips) come from
-:func:`~ue_lightning.sample_rng.indexed_uniform` keyed by (seed, sample index, salt), the
+:func:`~ue_lightning.ops.sample_rng.indexed_uniform` keyed by (seed, sample index, salt), the
 salt naming the training step (or the final pass), the role and the EOT draw, so
 :meth:`RobustNoiseGenerator.generate` (the final noise of ``ue predict``) gives a sample the
 same noise whatever its batch or DDP rank.
@@ -38,13 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from ue_lightning.attacks import (box_start, budget_to_pixels, cross_entropy_sum, input_gradient, pgd_maximize,
+from ue_lightning.ops.attacks import (box_start, budget_to_pixels, cross_entropy_sum, input_gradient, pgd_maximize,
                                   project_linf)
-from ue_lightning.augment import random_crop_flip
+from ue_lightning.ops.augment import random_crop_flip
 from ue_lightning.models import build_classifier, in_mode, load_frozen_score
 from ue_lightning.modules.generator_base import NoiseGenerator, round_to_pixel_grid
 from ue_lightning.modules.unregistered import Unregistered
-from ue_lightning.sample_rng import indexed_uniform, salt_of
+from ue_lightning.ops.sample_rng import indexed_uniform, salt_of
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 

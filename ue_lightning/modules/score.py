@@ -33,7 +33,7 @@ from ue_lightning.models import ScoreNet
 from ue_lightning.models.checkpoint import (CheckpointError, build_checked, check_data_facts,
                                              read_lightning_checkpoint)
 from ue_lightning.models.frozen_score import geometric_sigmas, training_hint
-from ue_lightning.sample_rng import indexed_normal, salt_of
+from ue_lightning.ops.sample_rng import indexed_normal, salt_of
 
 #: salt of the per-sample validation noise (see :func:`indexed_normal`)
 _VAL_NOISE_SALT = salt_of(0x5C0E)

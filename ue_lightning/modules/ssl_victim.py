@@ -36,7 +36,7 @@ from ue_lightning.console import progress
 from ue_lightning.models import in_mode
 from ue_lightning.modules.simclr import SimCLRNet, nt_xent, simclr_views
 from ue_lightning.modules.unregistered import Unregistered
-from ue_lightning.padding import first_occurrences
+from ue_lightning.ops.shard_duplicates import first_occurrences
 
 
 class LinearProbe(nn.Module):

@@ -26,14 +26,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from ue_lightning.attacks import budget_to_pixels, pgd_minimize, project_linf
-from ue_lightning.augment import random_crop_flip
+from ue_lightning.ops.attacks import budget_to_pixels, pgd_minimize, project_linf
+from ue_lightning.ops.augment import random_crop_flip
 from ue_lightning.console import progress
 from ue_lightning.models import in_mode
 from ue_lightning.modules.generator_base import StoredNoiseGenerator
 from ue_lightning.modules.simclr import SimCLRNet, classwise_separability, nt_xent, simclr_views
-from ue_lightning.noise_store import CHUNK_BYTES, StoreKind
-from ue_lightning.sample_rng import salt_of
+from ue_lightning.modules.noise_store import CHUNK_BYTES, StoreKind
+from ue_lightning.ops.sample_rng import salt_of
 
 
 class TransferableNoise(StoredNoiseGenerator):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from ue_lightning.attacks import budget_to_pixels, cross_entropy_sum, pgd_maximize
+from ue_lightning.ops.attacks import budget_to_pixels, cross_entropy_sum, pgd_maximize
 from ue_lightning.models import PatchWhitening, build_classifier, in_mode
 from ue_lightning.modules.optim import sgd_with_schedule
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ue_lightning.attacks import budget_to_pixels
+from ue_lightning.ops.attacks import budget_to_pixels
 from ue_lightning.protect.batches import MIN_WORKING_SIZE, Done, InputRecords, SizeBatches, sha256
 from ue_lightning.protect.images import MAX_PIXELS, find_images, shown
 from ue_lightning.protect.methods import MODES, NOISE_MAKERS

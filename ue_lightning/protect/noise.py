@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from ue_lightning.attacks import budget_to_pixels, logit_margin_sum, pgd_minimize
+from ue_lightning.ops.attacks import budget_to_pixels, logit_margin_sum, pgd_minimize
 from ue_lightning.data.noise_file import quantize_delta
 from ue_lightning.protect.platforms import through_jpeg
 from ue_lightning.protect.surrogate import Surrogate, match_channels
@@ -58,7 +58,7 @@ def error_minimizing_deltas(surrogate: Surrogate, colours: Tensor, labels: Tenso
 
     ``steps`` sign steps of ``step_size`` (1/255 units) from zero, descending the surrogate's
     loss for ``labels`` (B,) within ``epsilon`` (1/255 units); input gradients only
-    (:func:`~ue_lightning.attacks.pgd_minimize`). The loss is the logit margin, whose sign
+    (:func:`~ue_lightning.ops.attacks.pgd_minimize`). The loss is the logit margin, whose sign
     steps are cross-entropy's, because a surrogate that knows the image already has a
     cross-entropy gradient of exactly zero (no noise at all) in float32. The surrogate is in
     eval mode and the loss a sum, so each image's noise is the one it gets alone (batching

@@ -38,9 +38,9 @@ import math
 import torch
 from torch import Tensor
 
-from ue_lightning.attacks import budget_to_pixels, project_linf
+from ue_lightning.ops.attacks import budget_to_pixels, project_linf
 from ue_lightning.modules.generator_base import NoiseGenerator
-from ue_lightning.sample_rng import indexed_normal
+from ue_lightning.ops.sample_rng import indexed_normal
 
 _MAX_MIXING_ENTRIES = 50_000_000  # K * d * d floats: refuse codes too large to mix
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ue_lightning.attacks import project_linf
+from ue_lightning.ops.attacks import project_linf
 from ue_lightning.modules.generator_base import NoiseGenerator
-from ue_lightning.sample_rng import indexed_uniform
+from ue_lightning.ops.sample_rng import indexed_uniform
 
 
 class RandomNoise(NoiseGenerator):

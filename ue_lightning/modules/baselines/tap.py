@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ue_lightning.attacks import box_start, budget_to_pixels, pgd_minimize
-from ue_lightning.augment import random_crop_flip
+from ue_lightning.ops.attacks import box_start, budget_to_pixels, pgd_minimize
+from ue_lightning.ops.augment import random_crop_flip
 from ue_lightning.models.checkpoint import check_data_facts, classifier_from_weights, read_classifier_checkpoint
 from ue_lightning.modules.generator_base import NoiseGenerator
-from ue_lightning.sample_rng import indexed_uniform, salt_of
+from ue_lightning.ops.sample_rng import indexed_uniform, salt_of
 
 _MAKE_ONE = ("train one on the clean data first, e.g. `ue fit --config configs/data/cifar10.yaml "
              "--config configs/victim/resnet18.yaml --trainer.callbacks.dirpath runs/victim/clean-cifar10/checkpoints`"

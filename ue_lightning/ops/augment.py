@@ -2,7 +2,7 @@
 
 Gradients flow through these to the perturbation (expectation over transformations,
 EOT). Parameters are drawn per sample, either from torch's RNG or, when ``index`` is
-given, from :func:`~ue_lightning.sample_rng.indexed_uniform` so that a sample's
+given, from :func:`~ue_lightning.ops.sample_rng.indexed_uniform` so that a sample's
 augmentation does not depend on its batch or rank.
 """
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ue_lightning.sample_rng import indexed_uniform
+from ue_lightning.ops.sample_rng import indexed_uniform
 
 
 def _uniform(n: int, k: int, device: torch.device, index: Tensor | None, seed: int, salt: int) -> Tensor:

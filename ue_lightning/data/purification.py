@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ue_lightning.sample_rng import indexed_normal, salt_of
+from ue_lightning.ops.sample_rng import indexed_normal, salt_of
 
-#: salt of the purification noise (see :func:`~ue_lightning.sample_rng.indexed_normal`)
+#: salt of the purification noise (see :func:`~ue_lightning.ops.sample_rng.indexed_normal`)
 PURIFY_SALT = salt_of("purify")
 
 #: ``score(x, y) -> grad_x log p_sigma(x | y)``: images (B, C, H, W) in [0, 1] and int64 labels (B,) to
