@@ -56,23 +56,27 @@ def timed(folder: Path, out: Path, checkpoint: str, **options) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", required=True, help="a folder of 64-px photos in class folders")
-    parser.add_argument("--checkpoint", required=True, help="an em surrogate (ue protect's surrogate.ckpt)")
+    parser.add_argument("--checkpoint", required=True, help="the method's generator (ue protect's surrogate.ckpt)")
+    parser.add_argument("--method", default="em", help="em, em-classwise, rem or collapse")
+    parser.add_argument("--eot_jpeg", type=int, default=0, help="em: a JPEG quality the noise is made through")
     parser.add_argument("--count", type=int, default=320)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--working_sizes", type=int, nargs="+", default=[256, 512])
     args = parser.parse_args()
+    method = {"method": args.method, **({"eot_jpeg": args.eot_jpeg} if args.eot_jpeg else {})}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         small = small_folder(Path(args.photos), args.count, work)
         for batch in args.batch_sizes:
-            seconds = timed(small, work / f"out-b{batch}", args.checkpoint, batch_size=batch)
-            print(json.dumps({"photos": args.count, "size": 64, "batch_size": batch, "seconds": round(seconds, 1),
+            seconds = timed(small, work / f"out-b{batch}", args.checkpoint, batch_size=batch, **method)
+            print(json.dumps({**method, "photos": args.count, "size": 64, "batch_size": batch,
+                              "seconds": round(seconds, 1),
                               "photos_per_second": round(args.count / seconds, 2),
                               "threads": torch.get_num_threads()}), flush=True)
         large = large_folder(Path(args.photos), work)
         for working in args.working_sizes:
-            seconds = timed(large, work / f"out-w{working}", args.checkpoint, working_size=working)
-            print(json.dumps({"photos": 2, "size": "4000x3000", "working_size": working,
+            seconds = timed(large, work / f"out-w{working}", args.checkpoint, working_size=working, **method)
+            print(json.dumps({**method, "photos": 2, "size": "4000x3000", "working_size": working,
                               "seconds_per_photo": round(seconds / 2, 1), "threads": torch.get_num_threads()}),
                   flush=True)
 

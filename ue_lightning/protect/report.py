@@ -76,9 +76,14 @@ def _cell(value: Any, digits: int = 2) -> str:
 
 def _steps(settings: dict[str, Any]) -> str:
     """How the noise was made, in a few words."""
-    if settings["method"] == "em":
-        return f"{settings['steps']} PGD steps"
-    return "one pattern a class" if settings["method"] == "em-classwise" else "its generator's own noise steps"
+    method = settings["method"]
+    if method == "em":
+        jpeg = f", through JPEG {settings['eot_jpeg']} too" if settings.get("eot_jpeg") else ""
+        return f"{settings['steps']} PGD steps{jpeg}"
+    if method == "em-classwise":
+        return "one pattern a class"
+    score = " and a score step each" if method == "collapse" else ""
+    return f"its generator's own noise steps{score}"
 
 
 def markdown(report: dict[str, Any]) -> str:
