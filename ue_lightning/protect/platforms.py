@@ -57,6 +57,7 @@ def through_jpeg(x: Tensor, quality: int) -> Tensor:
     """``x`` (B, C, H, W) in [0, 1] as a JPEG round trip at ``quality`` gives it back (:func:`jpeg`, on the pixel
     grid), with the gradient of the identity: JPEG's rounding has none worth following, so PGD steps through it
     as if it were not there (BPDA, Athalye et al. 2018) while its loss is that of the re-encoded photo.
+    Ours for data owners: none of the three source texts makes noise through a platform's JPEG.
     Grey images (C = 1) go through as RGB and come back as their channel mean."""
     code = jpeg(quality)
     with torch.no_grad():

@@ -89,7 +89,9 @@ def load_class_noise(path: str | Path) -> Tensor:
 def robust_step_size(epsilon: float, steps: int) -> float:
     """alpha_u (1/255 units) of ``steps`` noise steps within ``epsilon``: REM's ratio (10 steps of rho_u / 5) kept at
     any step count, so the steps travel twice the budget (from a random start, fewer steps of rho_u / 5 would leave
-    the noise near its random start: 4 such steps of 1.6/255 cannot reach the 8/255 edge), at least 0.25/255."""
+    the noise near its random start: 4 such steps of 1.6/255 cannot reach the 8/255 edge), at least 0.25/255.
+    Fang et al. name alpha_u and K_u without values (../shared/papers/001_7979b3883c294936.txt, Algorithm 1,
+    line 130); the 10 x rho_u / 5 is REM's code (``scripts/cifar10/gen_rem.sh``); keeping its travel is ours."""
     return max(2 * epsilon / steps, 0.25)
 
 
