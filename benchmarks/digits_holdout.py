@@ -16,6 +16,13 @@ and its accuracy per pass over the data, the victim's radius, train and held-out
 units; 0 is standard training) with ``--adv-steps`` steps of rho_a/4 from a random start. Its ``train_acc``
 is then the accuracy on its own adversarial batches (what it fits), and ``held_out_acc`` clean accuracy.
 Thread count: the caller's (``OMP_NUM_THREADS``; the pipeline's default is 2).
+
+``--train-digits N`` (a scaling curve): the defender has only a seeded, class-stratified N of the 1347 train
+digits (``data.train_subset N``, ``data.seed 0``): the score estimator, the generator and the victim see those
+alone, and the victim holds out the same share of them (``round(N * 197/1347)``) as its clean held-out digits.
+Give the generator's budget in passes yourself (e.g. ``-- --trainer.max_steps 10`` for 337 digits: the digits
+configs' 40 steps of 64 are two passes over 1347), and the victims' ``--victim-epochs`` (the victim config's 15
+epochs over 1150 digits are as many SGD steps as 60 over 288).
 """
 
 from __future__ import annotations
@@ -43,17 +50,26 @@ SCORE = str(REPO / "configs/score/dsm.yaml")
 TRAIN_DIGITS, HELD_OUT = 1347, 197  # the embedded digits' train split, and the share held out of it
 
 
-def score_checkpoint() -> Path:
-    """The digits score estimator (fitted once, as the pipeline fits it)."""
-    path = OUT / "score.ckpt"
+def subset_options(train_digits: int) -> list[str]:
+    """``ue fit`` options that give every stage only ``train_digits`` of the train digits (none for all of them)."""
+    if not 0 < train_digits <= TRAIN_DIGITS:
+        raise SystemExit(f"digits_holdout: --train-digits {train_digits} must be in 1..{TRAIN_DIGITS}")
+    return [] if train_digits == TRAIN_DIGITS else ["--data.train_subset", str(train_digits), "--data.seed", "0"]
+
+
+def score_checkpoint(train_digits: int = TRAIN_DIGITS) -> Path:
+    """The digits score estimator on ``train_digits`` of the train digits (fitted once, as the pipeline fits it)."""
+    name = "score" if train_digits == TRAIN_DIGITS else f"score-{train_digits}"
+    path = OUT / f"{name}.ckpt"
     if not path.exists():
-        cli = stage_cli(compose(DATA, SCORE), OUT / "score")
+        cli = stage_cli(compose(DATA, SCORE), OUT / name, *subset_options(train_digits))
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         cli.trainer.save_checkpoint(path, weights_only=True)
     return path
 
 
-def generate(method: str, tag: str, overrides: list[str], reuse: bool = False) -> tuple[Path, dict[str, float]]:
+def generate(method: str, tag: str, overrides: list[str], reuse: bool = False,
+             train_digits: int = TRAIN_DIGITS) -> tuple[Path, dict[str, float]]:
     """Fit the generator and write its noise file; returns the file and the surrogate's last train metrics.
     ``reuse``: a finished run of this method and tag gives its noise file and per-pass accuracies instead."""
     folder = OUT / "generator" / method / tag
@@ -63,7 +79,9 @@ def generate(method: str, tag: str, overrides: list[str], reuse: bool = False) -
             raise SystemExit(f"digits_holdout: --reuse: no noise file {output}: run once without --reuse")
         return output, per_pass(folder / "logs" / "version_0" / "metrics.csv")
     configs = compose(DATA, *(str(REPO / c) for c in _as_list(GENERATORS[method])))
-    extra = ["--model.init_args.score_checkpoint", str(score_checkpoint())] if _uses_score_model(configs) else []
+    extra = subset_options(train_digits)
+    if _uses_score_model(configs):
+        extra += ["--model.init_args.score_checkpoint", str(score_checkpoint(train_digits))]
     try:  # atomic: two runs given the same method and tag would write (and read) the same noise file
         folder.mkdir(parents=True)
     except FileExistsError:
@@ -95,10 +113,15 @@ def per_pass(metrics_csv: Path) -> dict[str, list[float]]:
 
 
 def held_out_victim(noise: Path | None, seed: int, tag: str, adv_radius: float = 0.0,
-                    adv_steps: int = 5) -> dict[str, float]:
-    """The pipeline's victim on 1150 protected train digits, scored on the other 197 clean train digits;
-    adversarially trained at ``adv_radius`` (1/255 units) with ``adv_steps`` PGD steps of a quarter of it."""
-    extra = ["--data.val_fraction", repr(HELD_OUT / TRAIN_DIGITS), "--data.seed", "0", "--seed_everything", str(seed)]
+                    adv_steps: int = 5, train_digits: int = TRAIN_DIGITS,
+                    epochs: int | None = None) -> dict[str, float]:
+    """The pipeline's victim on 1150 protected train digits, scored on the other 197 clean train digits (of
+    ``train_digits``: the same shares of them); adversarially trained at ``adv_radius`` (1/255 units) with
+    ``adv_steps`` PGD steps of a quarter of it; ``epochs``: the victim's (None: its config's)."""
+    extra = ["--data.val_fraction", repr(HELD_OUT / TRAIN_DIGITS), "--data.seed", "0", "--seed_everything", str(seed),
+             *subset_options(train_digits)]
+    if epochs is not None:
+        extra += ["--trainer.max_epochs", str(epochs)]
     if adv_radius > 0:
         extra += ["--model.init_args.adv_radius", repr(adv_radius), "--model.init_args.adv_steps", str(adv_steps)]
     if noise is not None:
@@ -106,8 +129,9 @@ def held_out_victim(noise: Path | None, seed: int, tag: str, adv_radius: float =
     cli = stage_cli(VICTIM, OUT / "victim" / f"{tag}-seed{seed}", *extra)
     dm = cli.datamodule
     cli.trainer.fit(cli.model, datamodule=dm)
-    if len(dm.val_set) != HELD_OUT:
-        raise RuntimeError(f"{len(dm.val_set)} held-out digits, expected {HELD_OUT}")
+    expected = round(train_digits * HELD_OUT / TRAIN_DIGITS)
+    if len(dm.val_set) != expected:
+        raise RuntimeError(f"{len(dm.val_set)} held-out digits, expected {expected}")
     train_acc = float(cli.trainer.callback_metrics["train/acc"])
     held_out = float(cli.trainer.validate(cli.model, datamodule=dm, verbose=False)[0]["val/acc"])
     return {"train_acc": round(train_acc, 4), "held_out_acc": round(held_out, 4)}
@@ -122,6 +146,8 @@ def summary(results: Path, stems: list[str] | None) -> str:
     for line in results.read_text().splitlines():
         row = json.loads(line)
         stem = re.sub(r"-n\d+$", "", row["tag"])
+        if row.get("victim_epochs") is not None:
+            stem += f" (victim {row['victim_epochs']} epochs)"
         if stems is None or stem in stems:
             groups.setdefault((stem, float(row.get("adv_radius", 0.0))), []).append(row)
 
@@ -150,6 +176,9 @@ def main() -> None:
     p.add_argument("--seeds", default="0", help="victim seeds, comma-separated")
     p.add_argument("--adv-radii", default="0", help="victims' adversarial-training radii, 1/255 units, comma-separated")
     p.add_argument("--adv-steps", type=int, default=5, help="PGD steps of the victims' adversarial training")
+    p.add_argument("--train-digits", type=int, default=TRAIN_DIGITS,
+                   help="give every stage only this many of the 1347 train digits (seeded, stratified): a scaling curve")
+    p.add_argument("--victim-epochs", type=int, help="the victims' epochs (default: the victim config's)")
     p.add_argument("--reuse", action="store_true",
                    help="train more victims on the noise file an earlier run of this method and tag wrote")
     p.add_argument("overrides", nargs="*", help="ue fit options of the generator (after --)")
@@ -164,16 +193,20 @@ def main() -> None:
     tag = a.tag or a.method
     start = time.time()
     with lightning_info_off():
-        noise, surrogate = (None, {}) if a.method == "clean" else generate(a.method, tag, a.overrides, a.reuse)
+        noise, surrogate = (None, {}) if a.method == "clean" else generate(a.method, tag, a.overrides, a.reuse,
+                                                                                    a.train_digits)
         minutes = round((time.time() - start) / 60, 2)
         OUT.mkdir(parents=True, exist_ok=True)
         for radius in (float(r) for r in a.adv_radii.split(",")):
             for seed in (int(s) for s in a.seeds.split(",")):
-                folder = f"{a.method}/{tag}" + (f"-at{radius:g}" if radius else "")
+                folder = f"{a.method}/{tag}" + (f"-at{radius:g}" if radius else "") + (
+                    f"-e{a.victim_epochs}" if a.victim_epochs else "")
                 row = {"method": a.method, "tag": tag, "overrides": a.overrides, "surrogate": surrogate,
+                       "train_digits": a.train_digits, "victim_epochs": a.victim_epochs,
                        "generator_minutes": minutes, "seed": seed, "adv_radius": radius,
                        **({"adv_steps": a.adv_steps} if radius else {}),
-                       **held_out_victim(noise, seed, folder, radius, a.adv_steps)}
+                       **held_out_victim(noise, seed, folder, radius, a.adv_steps, a.train_digits,
+                                         a.victim_epochs)}
                 print(json.dumps(row), flush=True)
                 with open(OUT / "results.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -548,6 +548,7 @@ def test_collapse_refuses_a_generator_or_score_model_it_cannot_use(protected_run
                                        "--score_checkpoint", str(score)]}[case]
     err = _ue_error(capsys, "--input", str(photos), "--output", str(tmp_path / "o"), *args)
     assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists(), err
+    assert "configs/score" not in err, err  # an owner's fix, not a researcher's config
 
 
 def test_through_jpeg_gives_the_jpeg_round_trip_forward_and_the_identity_backward():

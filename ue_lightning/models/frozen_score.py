@@ -62,14 +62,15 @@ class FrozenScore(nn.Module):
 
 
 def load_frozen_score(path: str | Path, *, num_classes: int, in_channels: int, image_size: int,
-                      map_location: Any = "cpu") -> FrozenScore:
+                      map_location: Any = "cpu", fix: str | None = None) -> FrozenScore:
     """The score network of the ScoreEstimator checkpoint at ``path`` (its weight average when it kept one),
     read with ``weights_only=True`` and checked against the data's facts.
 
     Raises :class:`~ue_lightning.models.checkpoint.CheckpointError` (a ``ValueError``) for a file that is
-    unreadable, of another module or made for other data, and ``CheckpointNotFoundError`` when it is missing.
+    unreadable, of another module or made for other data, and ``CheckpointNotFoundError`` when it is missing;
+    each message ends with ``fix`` (None: how to train one, :func:`training_hint`).
     """
-    name, fix = f"score checkpoint {path}", training_hint(num_classes, in_channels, image_size)
+    name, fix = f"score checkpoint {path}", fix or training_hint(num_classes, in_channels, image_size)
     hp, state = read_lightning_checkpoint(path, name="score checkpoint", fix=fix, prefix="net.",
                                           expected="ue_lightning.modules.ScoreEstimator")
     check_data_facts(hp, {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size},

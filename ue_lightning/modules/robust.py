@@ -71,10 +71,12 @@ def score_norm(score_fn: ScoreFn, x: Tensor, y: Tensor) -> Tensor:
     return score_fn(x, y).flatten(1).norm(dim=1).sum()
 
 
-def load_score_model(checkpoint_path: str, *, num_classes: int, in_channels: int, image_size: int) -> ScoreModel:
-    """The frozen score network of the ScoreEstimator checkpoint ``checkpoint_path`` (:func:`load_frozen_score`)."""
+def load_score_model(checkpoint_path: str, *, num_classes: int, in_channels: int, image_size: int,
+                     fix: str | None = None) -> ScoreModel:
+    """The frozen score network of the ScoreEstimator checkpoint ``checkpoint_path`` (:func:`load_frozen_score`;
+    ``fix`` ends its errors)."""
     return load_frozen_score(checkpoint_path, num_classes=num_classes, in_channels=in_channels,
-                             image_size=image_size)
+                             image_size=image_size, fix=fix)
 
 
 class RobustNoiseGenerator(NoiseGenerator):
@@ -176,14 +178,16 @@ class RobustNoiseGenerator(NoiseGenerator):
     def setup(self, stage: str) -> None:
         self.score_model()
 
-    def score_model(self, device: torch.device | None = None) -> ScoreModel | None:
-        """The frozen ScoreEstimator (loaded on first use, moved to ``device``), or None for REM."""
+    def score_model(self, device: torch.device | None = None, fix: str | None = None) -> ScoreModel | None:
+        """The frozen ScoreEstimator (loaded on first use, moved to ``device``), or None for REM. ``fix``: how to get
+        a right checkpoint, ending a loading error (None: how to train one)."""
         if self.score_step_size_px == 0:
             return None
         if self._score_model.value is None:
             h = self.hparams
             self._score_model.value = load_score_model(h.score_checkpoint, num_classes=h.num_classes,
-                                                       in_channels=h.in_channels, image_size=h.image_size)
+                                                       in_channels=h.in_channels, image_size=h.image_size,
+                                                       fix=fix)
         return self._score_model.on(device)
 
     # ------------------------------------------------------------------ the three steps

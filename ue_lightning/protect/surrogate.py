@@ -135,12 +135,8 @@ def load_robust_generator(path: str | Path, device: torch.device, epsilon: float
     generator = build()
     load_weights(generator.model, weights, name=f"--checkpoint {path}", what=hp["arch"])
     generator.eval().requires_grad_(False).to(device)
-    if collapse:
-        try:
-            generator.score_model(device)
-        except (ValueError, FileNotFoundError) as error:  # CheckpointError and CheckpointNotFoundError
-            reason = str(error).split("; train a score estimator", 1)[0]  # the fix for owners is not a config
-            raise ValueError(f"--score_checkpoint: {reason}; --method collapse needs the ScoreEstimator checkpoint "
-                             "the generator was fitted with (or leave --checkpoint out to train a quick one on the "
-                             "folder)") from None
+    if collapse:  # load it now: a wrong one is refused before any photo, with the owner's fix (not a config)
+        generator.score_model(device, fix="--method collapse needs the ScoreEstimator checkpoint the generator was "
+                                          "fitted with: pass it as --score_checkpoint (or leave --checkpoint out to "
+                                          "train a quick one on the folder)")
     return generator
