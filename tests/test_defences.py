@@ -65,6 +65,21 @@ def test_bit_depth_keeps_at_most_two_to_the_bits_levels(bits):
     assert squeeze("bitdepth", smooth_image()).unique().numel() <= 16  # the preset: 4 bits
 
 
+def test_gaussian_smoothing_removes_pixel_noise_and_keeps_flat_images():
+    """A +-8/255 checkerboard (the finest pattern noise can take) nearly vanishes under the 3x3 blur of sigma 0.8; a
+    flat image is unchanged; a smooth image stays close (the blur is low-pass)."""
+    flat = torch.full((3, 32, 32), 120, dtype=torch.uint8)
+    checker = (torch.arange(32).view(1, -1) + torch.arange(32).view(-1, 1)) % 2 * 16 - 8
+    noised = (flat.int() + checker).to(torch.uint8)
+    out = squeeze("gaussian", noised)
+    assert out.dtype == torch.uint8 and out.shape == noised.shape
+    assert torch.equal(squeeze("gaussian", flat), flat)
+    residual = out.int()[:, 1:-1, 1:-1] - 120  # inside the border
+    assert residual.abs().max() <= 2 < (noised.int() - 120).abs().max()  # measured: 1 against 8
+    image = smooth_image()
+    assert psnr(squeeze("gaussian", image), image) > 30
+
+
 def test_iss_is_grayscale_then_jpeg10():
     image = smooth_image()
     out = squeeze("iss", image)

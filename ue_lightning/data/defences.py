@@ -5,7 +5,7 @@ A defence touches only the victim's *train* split, after the protection noise ha
 places of the train pipeline, each named by a field of :class:`Defence`:
 
 * ``squeeze``: on the stored uint8 image (C, H, W), 0-255, before the crop/flip augmentation
-  (JPEG, greyscale, bit-depth reduction, ISS: the data is compressed once, as ISS does);
+  (JPEG, greyscale, bit-depth reduction, ISS, Gaussian smoothing: the data is filtered once, as ISS does);
 * ``augment``: on the float image (C, H, W) in [0, 1] after crop/flip (cutout, UEraser); with
   ``views`` > 1 it is drawn that many times and the views stacked (V, C, H, W) (UEraser-Max);
 * ``batch``: on the collated batch, where labels become soft targets (mixup, cutmix).
@@ -28,12 +28,15 @@ from torch.utils.data import default_collate
 from PIL import Image
 from torchvision.transforms import v2
 
-DefenceName = Literal["none", "jpeg10", "jpeg50", "grayscale", "bitdepth", "cutout", "mixup", "cutmix", "iss",
-                      "ueraser", "ueraser-max"]
+DefenceName = Literal["none", "jpeg10", "jpeg50", "grayscale", "bitdepth", "gaussian", "cutout", "mixup", "cutmix",
+                      "iss", "ueraser", "ueraser-max"]
 #: Every ``data.defence`` value, in the order of the table in docs/defences.md.
 DEFENCES: tuple[str, ...] = get_args(DefenceName)
 #: Bit depth of ``bitdepth``, ours: Xu et al. 2018 test 1-8 bits on CIFAR-10 and detect with 5; 4 squeezes harder.
 BIT_DEPTH = 4
+#: Gaussian smoothing's kernel side and standard deviation, pixels: ours (3x3, with the sigma OpenCV gives a 3x3
+#: kernel, 0.3 ((3 - 1) / 2 - 1) + 0.8; APBench lists Gaussian smoothing among its defences).
+GAUSSIAN_KERNEL, GAUSSIAN_SIGMA = 3, 0.8
 #: Augmented views of each image under ``ueraser-max`` (UEraser's ``repeat``/``--repeats``: 5).
 UERASER_MAX_VIEWS = 5
 
@@ -64,6 +67,12 @@ def grayscale(image: Tensor) -> Tensor:
     if image.shape[-3] == 1:
         return image
     return v2.functional.rgb_to_grayscale(image, num_output_channels=3)
+
+
+def gaussian_smoothing(image: Tensor) -> Tensor:
+    """A :data:`GAUSSIAN_KERNEL`-wide Gaussian blur of standard deviation :data:`GAUSSIAN_SIGMA` pixels, each channel
+    alone, borders reflected (torchvision's ``gaussian_blur``): uint8 (C, H, W), 0-255, in and out (rounded)."""
+    return v2.functional.gaussian_blur(image, [GAUSSIAN_KERNEL, GAUSSIAN_KERNEL], [GAUSSIAN_SIGMA, GAUSSIAN_SIGMA])
 
 
 class BitDepth(torch.nn.Module):
@@ -245,6 +254,8 @@ def build_defence(name: str, *, dataset: str, image_size: int, num_classes: int)
         return Defence(name, squeeze=[grayscale])
     if name == "bitdepth":
         return Defence(name, squeeze=[BitDepth(BIT_DEPTH)])
+    if name == "gaussian":  # a low-pass filter: the noise's high frequencies go, the image's edges soften
+        return Defence(name, squeeze=[gaussian_smoothing])
     if name == "iss":  # ISS's two compressions in its code's order: greyscale, then JPEG quality 10
         return Defence(name, squeeze=[grayscale, Jpeg(10)])
     if name == "cutout":  # DeVries & Taylor: 16x16 on CIFAR-10 (half the side), 8x8 on CIFAR-100
