@@ -48,7 +48,8 @@ def test_cifar_form_16px() -> None:
 
 @pytest.mark.parametrize(
     ("arch", "size", "channels"),
-    [("resnet18", 224, 3), ("vgg16", 128, 1), ("resnet50", 128, 3), ("densenet121", 128, 1), ("wrn34_10", 128, 3)],
+    [("resnet18", 224, 3), ("vgg16", 128, 1), ("resnet50", 128, 3), ("densenet121", 128, 1), ("wrn34_10", 128, 3),
+     ("mobilenet_v2", 128, 1)],
 )
 def test_imagenet_form_logits_shape(arch: str, size: int, channels: int) -> None:
     model = build_classifier(arch, num_classes=5, in_channels=channels, image_size=size).eval()
@@ -120,6 +121,14 @@ def test_full_width_parameter_counts() -> None:
     assert 11.0e6 <= resnet18 <= 11.3e6, resnet18
     wrn = _num_params(build_classifier("wrn34_10", 10))
     assert 46.0e6 <= wrn <= 46.4e6, wrn
+    mobilenet = _num_params(build_classifier("mobilenet_v2", 10))
+    assert 2.2e6 <= mobilenet <= 2.3e6, mobilenet  # torchvision's features (2.22M) and a 1280 x 10 head
+
+
+def test_mobilenet_v2_cifar_form_downsamples_32_px_to_4() -> None:
+    """The CIFAR strides: 8x downsampling (torchvision's ImageNet form: 32x, which leaves 1x1 of a 32 px image)."""
+    model = build_classifier("mobilenet_v2", 10, image_size=32, width=8)
+    assert model.backbone.features(torch.rand(1, 3, 32, 32)).shape[-2:] == (4, 4)
 
 
 @pytest.mark.parametrize(("size", "channels", "num_sigmas"), [(32, 3, 1), (8, 1, 4)])

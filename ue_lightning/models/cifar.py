@@ -14,6 +14,9 @@ scale proportionally, so ``width`` is a single knob for tiny test models:
   (default ``w = 64``, growth 32); all dense layers scale with the growth rate.
 * WRN-34-10: stages ``w, 2w, 4w`` (default ``w = 16 * 10 = 160``); the stem
   has ``min(16, w)`` channels, as in the paper at full width.
+* MobileNet-V2: torchvision's network at ``width_mult = w / 32`` (``w`` the stem's
+  channels, default 32; the last 1x1 convolution keeps its 1280), with the two changes
+  the CIFAR versions make: stem and first 24-channel block at stride 1 (8x downsampling).
 
 The ``*Backbone`` classes output pooled features ``(B, out_features)``; the
 ``cifar_*`` factories wrap them with :class:`Normalize` and a linear head into
@@ -315,6 +318,30 @@ class WideResNetBackbone(nn.Module):
         return self.pool(self.final(h))
 
 
+class MobileNetV2Backbone(nn.Module):
+    """torchvision's MobileNet-V2 features (random init), CIFAR strides: the stem convolution and the depthwise
+    convolution of the first 24-channel block at stride 1 instead of 2, so a 32 px image ends at 4x4 (as the
+    CIFAR MobileNet-V2s of the availability-poisoning benchmarks do); then global average pooling."""
+
+    def __init__(self, in_channels: int = 3, width: int = 32):
+        super().__init__()
+        from torchvision.models import mobilenet_v2
+
+        net = mobilenet_v2(weights=None, width_mult=width / 32)
+        stem = net.features[0][0]
+        if in_channels != stem.in_channels:
+            net.features[0][0] = nn.Conv2d(in_channels, stem.out_channels, 3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(net.features[0][0].weight, mode="fan_out")
+        net.features[0][0].stride = (1, 1)
+        net.features[2].conv[1][0].stride = (1, 1)  # the first 24-channel block's depthwise convolution
+        self.features = net.features
+        self.pool = _pool_flatten()
+        self.out_features = net.last_channel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(x))
+
+
 # --------------------------------------------------------------------- factories
 
 MeanStd = float | Sequence[float] | None
@@ -361,3 +388,11 @@ def cifar_wrn34_10(
     """WRN-34-10 (pre-activation), CIFAR form; ``width`` = first-stage channels
     (default 160 = 16 x widen factor 10, ~46.2M params)."""
     return _wrap(WideResNetBackbone(34, width, in_channels), num_classes, in_channels, mean, std)
+
+
+def cifar_mobilenet_v2(
+    num_classes: int, in_channels: int = 3, width: int = 32, mean: MeanStd = None, std: MeanStd = None
+) -> ImageClassifier:
+    """MobileNet-V2 (torchvision's, CIFAR strides); ``width`` = stem channels (default 32, width_mult 1,
+    ~2.2M params)."""
+    return _wrap(MobileNetV2Backbone(in_channels, width), num_classes, in_channels, mean, std)

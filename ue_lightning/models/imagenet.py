@@ -11,6 +11,7 @@ Mapping of architecture names:
   of the second fully-connected layer).
 * ``resnet18`` / ``resnet50`` -> ``resnet18`` / ``resnet50``.
 * ``densenet121`` -> ``densenet121``.
+* ``mobilenet_v2`` -> ``mobilenet_v2`` (its dropout kept before the head).
 * ``wrn34_10`` -> ``wide_resnet50_2`` (the torchvision wide ResNet; a 7x7-stem
   WRN-34-10 would cost ~2x its FLOPs at 224 px and has no reference results).
 
@@ -71,12 +72,21 @@ def _split_vgg(model: nn.Module, in_channels: int) -> tuple[nn.Module, nn.Linear
     return model, head  # type: ignore[return-value]
 
 
+def _split_mobilenet(model: nn.Module, in_channels: int) -> tuple[nn.Module, nn.Linear]:
+    if in_channels != 3:
+        model.features[0][0] = _new_conv_like(model.features[0][0], in_channels)  # type: ignore[index,arg-type]
+    dropout, head = model.classifier  # type: ignore[misc]
+    model.classifier = dropout  # type: ignore[assignment]
+    return model, head  # type: ignore[return-value]
+
+
 _TORCHVISION: dict[str, tuple[Callable[..., nn.Module], Callable[[nn.Module, int], tuple[nn.Module, nn.Linear]]]] = {
     "vgg16": (tvm.vgg16_bn, _split_vgg),
     "resnet18": (tvm.resnet18, _split_resnet),
     "resnet50": (tvm.resnet50, _split_resnet),
     "densenet121": (tvm.densenet121, _split_densenet),
     "wrn34_10": (tvm.wide_resnet50_2, _split_resnet),
+    "mobilenet_v2": (tvm.mobilenet_v2, _split_mobilenet),
 }
 
 
@@ -86,7 +96,7 @@ def imagenet_classifier(
     """Randomly initialised torchvision classifier wrapped with input normalisation.
 
     Args:
-        arch: one of ``vgg16, resnet18, resnet50, densenet121, wrn34_10``.
+        arch: one of ``vgg16, resnet18, resnet50, densenet121, wrn34_10, mobilenet_v2``.
         num_classes: number of logits.
         in_channels: input channels (the stem conv is rebuilt if not 3).
         mean, std: per-channel normalisation statistics in [0, 1] pixel units;

@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 from .airbench import airbench_classifier
-from .cifar import cifar_densenet121, cifar_resnet18, cifar_resnet50, cifar_vgg16, cifar_wrn34_10
+from .cifar import (cifar_densenet121, cifar_mobilenet_v2, cifar_resnet18, cifar_resnet50, cifar_vgg16,
+                    cifar_wrn34_10)
 from .imagenet import imagenet_classifier
 from .normalize import ImageClassifier
 
-ARCHITECTURES: tuple[str, ...] = ("vgg16", "resnet18", "resnet50", "densenet121", "wrn34_10", "airbench")
+ARCHITECTURES: tuple[str, ...] = ("vgg16", "resnet18", "resnet50", "densenet121", "wrn34_10", "mobilenet_v2",
+                                  "airbench")
 
 #: Smallest ``image_size`` for which the ImageNet (torchvision) form is used.
 IMAGENET_MIN_SIZE = 128
@@ -23,6 +25,7 @@ _CIFAR: dict[str, Callable[..., ImageClassifier]] = {
     "resnet50": cifar_resnet50,
     "densenet121": cifar_densenet121,
     "wrn34_10": cifar_wrn34_10,
+    "mobilenet_v2": cifar_mobilenet_v2,
 }
 
 
@@ -46,7 +49,7 @@ def build_classifier(
             (ImageNet, 7x7-stem) form, otherwise the CIFAR (3x3-stem) form.
         width: channels of the first stage of the CIFAR form (see
             :mod:`ue_lightning.models.cifar`; ``None`` = the standard width:
-            64, or 160 for ``wrn34_10``) or of airbench's first group (64).
+            64; 160 for ``wrn34_10``; 32 for ``mobilenet_v2``) or of airbench's first group (64).
             Not supported by the ImageNet form.
         mean, std: per-channel normalisation in pixel units; ``None`` gives
             CIFAR-10 statistics for 3 channels, 0.5/0.5 otherwise.
