@@ -58,6 +58,7 @@ def _victims() -> list[list[str]]:
     # the stand-in for the ImageNet-subset path (benchmarks/RESULTS.md, "ue protect on real photos")
     out.append([str(CONFIGS / "data/tiny-imagenet-10.yaml"), str(CONFIGS / "victim/resnet18-cpu.yaml")])
     out.append([str(CONFIGS / "data/tiny-imagenet-10-cpu.yaml"), str(CONFIGS / "victim/airbench-cpu.yaml")])  # cpu-table1 (ImageNet-subset row)
+    out.append([str(CONFIGS / "data/svhn.yaml"), str(CONFIGS / "victim/mobilenet_v2.yaml")])  # APBench's data and victim
     return out
 
 

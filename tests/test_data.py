@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from ue_lightning.data import NoiseFile, NoiseMetadata, UEDataModule, load_dataset, protected_mask, stratified_subset
 from ue_lightning.data.export import export_protected
@@ -27,6 +29,57 @@ def test_missing_cifar_names_path_and_download(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         load_dataset("cifar10", tmp_path / "nowhere", True)
     assert "cifar-10-batches-py" in str(e.value) and "download" in str(e.value)
+
+
+def write_fake_svhn(root: Path, n_train: int = 30, n_test: int = 20) -> dict[str, np.ndarray]:
+    """torchvision's SVHN files as the dataset ships them (MATLAB v5: X (32, 32, 3, N) uint8, y (N, 1) with labels
+    1-10, 10 for the digit 0); returns each split's X and y."""
+    from scipy.io import savemat
+
+    rng, written = np.random.default_rng(0), {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        x = rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8)
+        y = (np.arange(n) % 10 + 1).astype(np.uint8).reshape(n, 1)
+        root.mkdir(parents=True, exist_ok=True)
+        savemat(root / f"{split}_32x32.mat", {"X": x, "y": y})
+        written[split] = (x, y)
+    return written
+
+
+@pytest.fixture
+def fake_svhn(tmp_path, monkeypatch):
+    from torchvision.datasets import SVHN
+
+    root = tmp_path / "svhn"
+    written = write_fake_svhn(root)
+    md5 = {k: hashlib.md5((root / f"{k}_32x32.mat").read_bytes()).hexdigest() for k in ("train", "test")}
+    monkeypatch.setattr(SVHN, "split_list", {k: [url, name, md5.get(k, sum_)]
+                                             for k, (url, name, sum_) in SVHN.split_list.items()})
+    return root, written
+
+
+def test_svhn_is_read_from_torchvisions_files_with_10_as_0_and_no_flip(fake_svhn):
+    root, written = fake_svhn
+    train = load_dataset("svhn", root, True)
+    x, y = written["train"]
+    assert train.image_shape == (3, 32, 32) and len(train) == 30 and train.num_classes == 10
+    image, label = train[13]
+    assert torch.equal(image, torch.from_numpy(x[..., 13]).permute(2, 0, 1)) and label == int(y[13, 0]) % 10
+    assert int(train.targets.min()) == 0 and int(train.targets.max()) == 9  # label 10 is the digit 0
+    dm = UEDataModule("svhn", root=str(root), batch_size=8)
+    dm.setup("fit")
+    assert len(dm.test_set) == 20 and not any(isinstance(t, v2.RandomHorizontalFlip)
+                                               for t in dm.train_set.dataset.transform.transforms)
+
+
+def test_missing_or_foreign_svhn_names_the_file_and_the_fix(tmp_path, fake_svhn):
+    with pytest.raises(FileNotFoundError) as e:
+        load_dataset("svhn", tmp_path / "nowhere", True)
+    assert "train_32x32.mat" in str(e.value) and "download" in str(e.value)
+    root, _ = fake_svhn
+    (root / "test_32x32.mat").write_bytes(b"not a MATLAB file")
+    with pytest.raises(ValueError, match="is not the original SVHN test file"):
+        load_dataset("svhn", root, False)
 
 
 def test_missing_npz_and_folder_are_clear(tmp_path):

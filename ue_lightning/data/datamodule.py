@@ -118,7 +118,7 @@ def _augmentation(dataset: str, image_shape: tuple[int, int, int], crop: int, tr
         steps = [v2.RandomResizedCrop(crop, antialias=True), v2.RandomHorizontalFlip()] if train else [v2.CenterCrop(crop)]
     elif not train:
         steps = []
-    elif dataset == "digits":  # digits are not mirror-symmetric; crop by one digit pixel (1/8 of the side)
+    elif dataset in ("digits", "svhn"):  # digits are not mirror-symmetric: crop (1/8 of the side), no flip
         steps = [v2.RandomCrop(image_shape[1], padding=image_shape[1] // 8)]
     else:
         steps = [v2.RandomCrop(image_shape[1], padding=image_shape[1] // 8), v2.RandomHorizontalFlip()]
@@ -132,10 +132,10 @@ class UEDataModule(L.LightningDataModule):
     """Clean or protected train data, clean held-out validation and test data, one DataModule for every step.
 
     Args:
-        dataset: one of ``digits`` (embedded, offline), ``cifar10``, ``cifar100``,
+        dataset: one of ``digits`` (embedded, offline), ``cifar10``, ``cifar100``, ``svhn``,
             ``imagenet_subset``, ``folder``, ``npz``.
-        root: data folder (CIFAR, image folders) or the ``.npz`` file.
-        download: let torchvision download CIFAR into ``root``.
+        root: data folder (CIFAR, SVHN, image folders) or the ``.npz`` file.
+        download: let torchvision download CIFAR or SVHN into ``root``.
         batch_size: train batch size per device.
         eval_batch_size: test/predict batch size per device (None: ``batch_size``).
         num_workers: DataLoader workers.

@@ -218,6 +218,26 @@ def load_cifar(name: str, root: str | Path, train: bool, download: bool) -> Imag
                       num_classes=len(ds.classes), channels_last=True, class_names=ds.classes)
 
 
+def load_svhn(root: str | Path, train: bool, download: bool) -> ImageArray:
+    """SVHN's cropped digits (32x32 RGB; train 73257, test 26032; label 10 read as 0, as torchvision does) from
+    torchvision's files ``root/train_32x32.mat`` and ``root/test_32x32.mat``. The ``extra`` split is not used."""
+    from torchvision.datasets import SVHN
+
+    split = "train" if train else "test"
+    filename = SVHN.split_list[split][1]
+    path = Path(root) / filename
+    try:  # torchvision checks the file's md5 and never downloads over a file that is there
+        ds = SVHN(str(root), split=split, download=download and not path.exists())
+    except RuntimeError as e:
+        if path.exists():
+            raise ValueError(f"{path} is not the original SVHN {split} file ({e}): delete it and set "
+                             "`data.download: true`, or put torchvision's file there") from None
+        raise _missing(path, f"svhn {split} file ({e})", "set `data.download: true` (or --data.download true) to "
+                       f"fetch it, or point `data.root` at the folder that holds {filename}") from None
+    return ImageArray(ds.data, ds.labels, name="svhn", split=split, num_classes=10,
+                      class_names=[str(c) for c in range(10)])
+
+
 def load_npz(path: str | Path, train: bool) -> ImageArray:
     """uint8 arrays ``x_train``/``y_train``/``x_test``/``y_test`` in an ``.npz`` (NHWC or NHW)."""
     path = Path(path)
@@ -301,7 +321,7 @@ def load_image_folder(root: str | Path, train: bool, *, size: int, num_classes: 
                       class_names=classes, size=size)
 
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet_subset", "folder", "npz")
+DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet_subset", "folder", "npz")
 
 
 def load_dataset(name: str, root: str | Path, train: bool, *, download: bool = False,
@@ -309,7 +329,7 @@ def load_dataset(name: str, root: str | Path, train: bool, *, download: bool = F
     """Load one split of a dataset by name (see :data:`DATASETS`).
 
     ``resize``: the stored square size of folder datasets (None: 256) or of the digits
-    (None: 8; a multiple of 8). CIFAR and npz images are used as stored.
+    (None: 8; a multiple of 8). CIFAR, SVHN and npz images are used as stored.
     """
     if name == "digits":
         return load_digits(train, size=resize or 8)
@@ -319,6 +339,8 @@ def load_dataset(name: str, root: str | Path, train: bool, *, download: bool = F
     resize = resize or 256
     if name in ("cifar10", "cifar100"):
         return load_cifar(name, root, train, download)
+    if name == "svhn":
+        return load_svhn(root, train, download)
     if name == "npz":
         return load_npz(root, train)
     if name == "imagenet_subset":
