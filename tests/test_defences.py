@@ -240,6 +240,31 @@ def test_cli_takes_the_defence_by_name(capsys):
     assert refused.value.code != 0 and "jpeg10" in capsys.readouterr().err
 
 
+def test_purification_rounds_shrink_what_the_model_does_not_expect_and_one_round_is_the_one_step_form():
+    """Data N(128/255, sigma^2) per pixel: the sigma-smoothed score is -(x - m) / (2 sigma^2), and each round of
+    noise and Tweedie denoising halves a +-16/255 pattern on top (plus fresh noise): 8/255 left after one round,
+    2/255 after three; with no score, three rounds add noise of std sigma * sqrt(3)."""
+    sigma, m = 0.1, 128 / 255
+    sign = (torch.arange(16).view(1, -1) + torch.arange(16).view(-1, 1)) % 2 * 2 - 1
+    images = (128 + 16 * sign).expand(6, 3, 16, 16).to(torch.uint8)
+    labels, indices = torch.zeros(6, dtype=torch.int64), torch.arange(6)
+    gaussian = lambda x, y: -(x - m) / (2 * sigma ** 2)  # noqa: E731
+
+    def left(steps: int) -> float:  # the pattern's amplitude left, 1/255 units
+        out = tweedie_denoise(images, labels, indices, gaussian, sigma, seed=0, steps=steps)
+        return ((out.float() - 128) * sign).mean().item()
+
+    assert abs(left(1) - 8) < 1 and abs(left(3) - 2) < 1
+    assert torch.equal(tweedie_denoise(images, labels, indices, gaussian, sigma, seed=0),
+                       tweedie_denoise(images, labels, indices, gaussian, sigma, seed=0, steps=1))
+    grey = torch.full((6, 3, 16, 16), 128, dtype=torch.uint8)
+    zero = lambda x, y: torch.zeros_like(x)  # noqa: E731
+    noisy = tweedie_denoise(grey, labels, indices, zero, sigma, seed=1, steps=3)
+    assert abs((noisy.float() - 128).std().item() - sigma * 255 * 3 ** 0.5) < 2.0
+    with pytest.raises(ValueError, match="purify_steps=0 must be at least 1"):
+        tweedie_denoise(grey, labels, indices, zero, sigma, seed=1, steps=0)
+
+
 def test_tweedie_denoise_returns_each_class_image_under_its_exact_score():
     # Each class is one image x0[y]: p_sigma(x | y) = N(x0[y], sigma^2 I), score -(x - x0[y]) / sigma^2, and one
     # Tweedie step lands on x0[y] exactly, whatever the perturbation and the noise drawn.

@@ -172,7 +172,10 @@ class UEDataModule(L.LightningDataModule):
         purify_with: a :class:`~ue_lightning.modules.ScoreEstimator` checkpoint (``last.ckpt`` of
             ``configs/score/dsm.yaml`` on this data): before training, the thief purifies the train
             images (protected or not) with it, once (``ue_lightning.data.purification``: noise at the
-            model's sigma, one denoising step), before ``defence``. None: no purification.
+            model's sigma, one denoising step; ``purify_steps`` rounds of it), before ``defence``. None: no
+            purification.
+        purify_steps: rounds of noise and one-step denoising at the score model's level (1: the one-step
+            form; more: several reverse steps at one level, ours).
         purify_labels: ``blind`` (default): the score averaged over every class, the same denoiser for
             every image; ``own``: each image's own label, which writes the label into the image (a
             shortcut of its own; kept to show it).
@@ -200,6 +203,7 @@ class UEDataModule(L.LightningDataModule):
         defence: DefenceName = "none",
         purify_with: str | None = None,
         purify_labels: Literal["blind", "own"] = "blind",
+        purify_steps: int = 1,
     ):
         super().__init__()
         if dataset not in DATASETS:
@@ -215,6 +219,8 @@ class UEDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size={batch_size} must be positive")
         if purify_labels not in ("blind", "own"):
             raise ValueError(f"purify_labels={purify_labels!r} must be 'blind' or 'own'")
+        if purify_steps < 1:
+            raise ValueError(f"purify_steps={purify_steps} must be at least 1 (1: one noise-and-denoise round)")
         if defence not in DEFENCES:
             raise ValueError(f"unknown defence {defence!r}; choose one of {', '.join(DEFENCES)}")
         # Logged as data_seed: Lightning merges the module's and the datamodule's hyperparameters for the logger
@@ -228,7 +234,7 @@ class UEDataModule(L.LightningDataModule):
         self.drop_protected, self.val_fraction = drop_protected, val_fraction
         self.resize, self.crop, self.predict_split = resize, crop, predict_split
         self.max_classes, self.defence = max_classes, defence
-        self.purify_with, self.purify_labels = purify_with, purify_labels
+        self.purify_with, self.purify_labels, self.purify_steps = purify_with, purify_labels, purify_steps
         self._clean: dict[str, CleanImages] = {}
 
     # ------------------------------------------------------------------ facts (for links)
@@ -366,7 +372,7 @@ class UEDataModule(L.LightningDataModule):
         published = ProtectedImages(train, v2.Identity(), noise, mask)  # uint8, as the thief reads them
         score = model.score if self.purify_labels == "own" else label_blind(model.score, self.num_classes)
         return PurifiedImages(published, indices, score, model.sigma_min, seed=self.seed,
-                              batch_size=self.eval_batch_size, device=device)
+                              batch_size=self.eval_batch_size, device=device, steps=self.purify_steps)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate_fn=None) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
@@ -405,6 +411,7 @@ class UEDataModule(L.LightningDataModule):
             p = f", clean, the {self.protected_fraction:.0%} to protect left out"
         d = f", defence {self.defence}" if self.defence != "none" else ""
         if self.purify_with is not None:
-            d = f", purified with {self.purify_with} ({self.purify_labels} labels)" + d
+            rounds = f", {self.purify_steps} rounds" if self.purify_steps > 1 else ""
+            d = f", purified with {self.purify_with} ({self.purify_labels} labels{rounds})" + d
         v = f", {len(self.val_indices())} held out for validation" if self.val_fraction > 0 else ""
         return f"{self.dataset} ({len(self.victim_indices())} train samples{v}{p}{d})"

@@ -18,8 +18,12 @@ configs), so the denoised image carries the statistics the score model learned, 
 perturbation's. This is the one-level form of diffusion purification (DiffPure, Nie et al.,
 ICML 2022; against unlearnable examples AVATAR, Dolatabadi et al., 2023, which runs many
 reverse steps of a full diffusion model): the package's score model has one noise level, or
-a few, and this uses its smallest. The purified image is rounded to uint8, as a thief would
-save it, and the defence steps and crop/flip act on it as on any stored image.
+a few, and this uses its smallest. ``steps`` > 1 repeats the noise-and-denoise round that many
+times at that level (fresh noise each round), each round taking the last one's float image:
+several reverse steps at one level, **ours**, a cheap stand-in for a many-level reverse
+process (it removes more of what the model does not expect, and more of the image's detail).
+The purified image is rounded to uint8, as a thief would save it, and the defence steps and
+crop/flip act on it as on any stored image.
 
 Units: images are uint8 0-255 on the way in and out, [0, 1] floats inside; ``sigma`` is in
 pixel units of [0, 1] images. The noise of sample ``i`` depends on (seed, i) only, not on the
@@ -60,9 +64,15 @@ def label_blind(score: ScoreFn, num_classes: int) -> ScoreFn:
     return averaged
 
 
+def round_salt(round_: int) -> int:
+    """The salt of purification round ``round_`` (0: :data:`PURIFY_SALT`, so one round is the one-step form)."""
+    return PURIFY_SALT if round_ == 0 else salt_of("purify", round_)
+
+
 def tweedie_denoise(images: Tensor, labels: Tensor, indices: Tensor, score: ScoreFn, sigma: float, *,
-                    seed: int) -> Tensor:
-    """Noise each image at ``sigma`` and denoise it in one step (Tweedie); uint8 (B, C, H, W) in, uint8 out.
+                    seed: int, steps: int = 1) -> Tensor:
+    """Noise each image at ``sigma`` and denoise it in one step (Tweedie), ``steps`` times; uint8 (B, C, H, W) in,
+    uint8 out.
 
     Args:
         images: uint8 (B, C, H, W), 0-255.
@@ -71,15 +81,19 @@ def tweedie_denoise(images: Tensor, labels: Tensor, indices: Tensor, score: Scor
         score: the score of the data smoothed at ``sigma`` (``ScoreEstimator.score``).
         sigma: the score's noise level, pixel units of [0, 1] images.
         seed: seed of the noise.
+        steps: rounds of noise and denoising (each round's noise from (seed, index, round)), at least 1.
     """
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"expected uint8 images (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    if steps < 1:
+        raise ValueError(f"purify_steps={steps} must be at least 1")
     x = images.float() / 255
-    eps = indexed_normal(indices.cpu(), tuple(x.shape[1:]), seed, PURIFY_SALT).to(x.device)
-    noisy = x + sigma * eps
-    with torch.no_grad():
-        denoised = noisy + sigma ** 2 * score(noisy, labels.to(x.device))
-    return (denoised.clamp(0, 1) * 255).round().to(torch.uint8)
+    for round_ in range(steps):
+        eps = indexed_normal(indices.cpu(), tuple(x.shape[1:]), seed, round_salt(round_)).to(x.device)
+        noisy = x + sigma * eps
+        with torch.no_grad():
+            x = (noisy + sigma ** 2 * score(noisy, labels.to(x.device))).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8)
 
 
 class PurifiedImages(Dataset):
@@ -87,12 +101,12 @@ class PurifiedImages(Dataset):
 
     ``published[i]`` is ``(uint8 image (C, H, W), label, ...)`` as the thief reads it (protected
     or not: a :class:`~ue_lightning.data.datamodule.ProtectedImages` with no transform); each
-    ``i`` in ``indices`` is purified with ``score`` by :func:`tweedie_denoise`, in batches of
+    ``i`` in ``indices`` is purified with ``score`` by :func:`tweedie_denoise` (``steps`` rounds), in batches of
     ``batch_size`` on ``device``. Only the listed indices can be read.
     """
 
     def __init__(self, published: Dataset, indices: Tensor, score: ScoreFn, sigma: float, *, seed: int,
-                 batch_size: int = 256, device: torch.device | str = "cpu"):
+                 batch_size: int = 256, device: torch.device | str = "cpu", steps: int = 1):
         self.size = len(published)
         self.position = torch.full((self.size,), -1, dtype=torch.int64)
         self.position[indices] = torch.arange(len(indices))
@@ -102,7 +116,7 @@ class PurifiedImages(Dataset):
             samples = [published[int(i)] for i in batch]
             batch_labels = torch.tensor([sample[1] for sample in samples], dtype=torch.int64)
             images = torch.stack([sample[0] for sample in samples]).to(device)
-            chunks.append(tweedie_denoise(images, batch_labels, batch, score, sigma, seed=seed).cpu())
+            chunks.append(tweedie_denoise(images, batch_labels, batch, score, sigma, seed=seed, steps=steps).cpu())
             labels.append(batch_labels)
         self.images = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
         self.labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
