@@ -1,4 +1,5 @@
-"""The ``ue`` command: LightningCLI (fit/validate/test/predict) plus ``export``, ``pipeline`` and ``protect``.
+"""The ``ue`` command: LightningCLI (fit/validate/test/predict) plus ``export``, ``pipeline``, ``protect``, ``grid``
+and ``embed``.
 
 Examples::
 
@@ -17,7 +18,7 @@ import sys
 from ue_lightning.lightning_cli import UECLI, build_cli  # noqa: F401  (re-exported: tests and callers use ue_lightning.cli)
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")  # LightningCLI's subcommands
-EXTRA_COMMANDS = ("export", "pipeline", "protect", "grid")
+EXTRA_COMMANDS = ("export", "pipeline", "protect", "grid", "embed")
 
 TOP_HELP = """usage: ue COMMAND [options]    (ue COMMAND --help: that command's options)
 
@@ -32,6 +33,7 @@ commands:
   pipeline   score estimator -> generators -> noise files -> victims -> accuracy table, in one go
   protect    protect a folder of your own images: lossless PNGs at their own size, and a report
   grid       run a YAML grid of cells (the papers' tables) resumably, here or on SLURM, and render it
+  embed      draw a victim's features of clean and protected train images on one t-SNE map (Fig. 2)
 
 examples:
   ue pipeline                                        # everything on the embedded digits, ~3 min
@@ -93,6 +95,8 @@ def _run(argv: list[str] | None) -> None:
             from ue_lightning.data.export import export_protected as command
         elif args[0] == "protect":
             from ue_lightning.protect import protect_folder as command
+        elif args[0] == "embed":
+            from ue_lightning.embed import embed_features as command
         else:
             from ue_lightning.pipeline import run_pipeline as command
         CLI(command, args=args[1:], as_positional=False, parser_class=OneLineParser, prog=f"ue {args[0]}")
