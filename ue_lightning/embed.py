@@ -4,7 +4,8 @@ Fang et al.'s Fig. 2 shows t-SNE maps of features of clean, REM and data-collaps
 class into a tight cluster. ``ue embed`` makes that picture for any victim checkpoint and noise files: the
 penultimate features (``forward_features``) of the same seeded, class-stratified train samples, clean and as
 each noise file protects them, one t-SNE map fitted on all of them together (so the panels share axes), a
-panel per data, a colour per class. Written: the PNG, a JSON of the per-class spread, and the figure plus the
+panel per data with a colour per class, and, as in the paper's figure, one panel of them all with a colour per
+data. Written: the PNG, a JSON of the per-class spread, and the figure plus the
 raw features (TensorBoard's projector) under ``<output>.tensorboard/``.
 
 The spread is measured in feature space, not on the map (t-SNE distorts distances): for each data,
@@ -121,11 +122,20 @@ def embed_features(
     tsne = TSNE(n_components=2, perplexity=min(perplexity, (len(stacked) - 1) / 3), init="pca", random_state=seed)
     points = np.split(tsne.fit_transform(stacked), len(sets))
 
-    figure, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 4), squeeze=False)
+    panels = len(sets) + (len(sets) > 1)
+    figure, axes = plt.subplots(1, panels, figsize=(4 * panels, 4), squeeze=False)
     colours = plt.get_cmap("tab10" if clean.num_classes <= 10 else "tab20")
     for ax, (name, xy) in zip(axes[0], zip(sets, points)):
         ax.scatter(xy[:, 0], xy[:, 1], c=[colours(int(y) % colours.N) for y in labels], s=6)
         ax.set_title(f"{name} (within/between {spreads[name]['ratio']:.2f})")
+    if len(sets) > 1:  # the paper's figure: every data in one panel, a colour per data
+        together = axes[0][-1]
+        for (name, xy), colour in zip(zip(sets, points), ("tab:green", "tab:red", "tab:blue", "tab:orange",
+                                                          "tab:purple", "tab:brown", "tab:grey")):
+            together.scatter(xy[:, 0], xy[:, 1], color=colour, s=6, label=name)
+        together.legend(fontsize=8)
+        together.set_title("together, a colour per data")
+    for ax in axes[0]:
         ax.set_xticks([]), ax.set_yticks([])
     figure.suptitle(f"{Path(checkpoint).name}: t-SNE of its features, {count} train samples, colour = class")
     figure.tight_layout()
