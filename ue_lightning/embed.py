@@ -109,9 +109,12 @@ def embed_features(
     chosen = stratified_subset(labels_all, count, seed).tolist()
     features, labels, spreads = [], None, {}
     for name, path in sets.items():
-        dm = UEDataModule(**section, perturbation=path)
-        dm.setup("fit")
-        samples = dm.train_images(noised=path is not None)
+        if path is None:
+            samples = clean.train_images()
+        else:  # the train images as the noise file protects them (needs the DataModule set up with it)
+            protected = UEDataModule(**section, perturbation=path)
+            protected.setup("fit")
+            samples = protected.train_images(noised=True)
         batch = [samples[i] for i in chosen]
         images = torch.stack([b[0] for b in batch])
         labels = torch.tensor([b[1] for b in batch])

@@ -327,11 +327,11 @@ class MobileNetV2Backbone(nn.Module):
         super().__init__()
         from torchvision.models import mobilenet_v2
 
+        from .imagenet import _new_conv_like
+
         net = mobilenet_v2(weights=None, width_mult=width / 32)
-        stem = net.features[0][0]
-        if in_channels != stem.in_channels:
-            net.features[0][0] = nn.Conv2d(in_channels, stem.out_channels, 3, stride=1, padding=1, bias=False)
-            nn.init.kaiming_normal_(net.features[0][0].weight, mode="fan_out")
+        if in_channels != 3:
+            net.features[0][0] = _new_conv_like(net.features[0][0], in_channels)
         net.features[0][0].stride = (1, 1)
         net.features[2].conv[1][0].stride = (1, 1)  # the first 24-channel block's depthwise convolution
         self.features = net.features
