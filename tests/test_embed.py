@@ -67,6 +67,8 @@ def test_spread_is_small_for_tight_separate_classes():
     (["--noise", "[nameonly]"], "give each noise file as name=path"),
     (["--noise", "[x=/nowhere/n.safetensors]"], "no file /nowhere/n.safetensors"),
     (["--data", "/nowhere.yaml"], "pass a data config"),
+    (["--per_class", "0"], "--per_class 0 must be at least 1"),
+    (["--perplexity", "0"], "--perplexity 0.0 must be positive"),
 ])
 def test_bad_embed_input_is_refused_in_one_line(victim_and_noise, tmp_path, capsys, args, message):
     checkpoint, _, _ = victim_and_noise

@@ -89,6 +89,10 @@ def embed_features(
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("ue embed draws with matplotlib: pip install 'ue_lightning[grid]'") from None
+    if per_class < 1:
+        raise ValueError(f"--per_class {per_class} must be at least 1 (train samples drawn from each class)")
+    if perplexity <= 0:
+        raise ValueError(f"--perplexity {perplexity} must be positive (t-SNE's usual range is 5 to 50)")
     sets = {"clean": None}
     for spec in noise:
         name, sep, path = spec.partition("=")
