@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -162,6 +163,22 @@ def memory_cap(extra_bytes: int) -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+#: What a warning looks like on the console: Python's "file.py:12: Category: message" and Lightning's
+#: "file.py:12: message" (its rank_zero_warn drops the category); Lightning's tips; a traceback.
+CONSOLE_NOISE = re.compile(r"\.py:\d+: |Warning|warn|deprecat|Tip:|Traceback", re.IGNORECASE)
+
+
+def run_console(*args: str, cwd: Path, threads: int = 1) -> str:
+    """``python -m ue_lightning.cli ARGS`` at ``threads`` threads as a user runs it (no PYTHONWARNINGS, unlike
+    :func:`run_ue`): its stdout and stderr, interleaved as printed; fails the test on a non-zero exit."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "ue_lightning.cli", *args], cwd=cwd, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    return proc.stdout
 
 
 def run_ue(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
