@@ -181,13 +181,60 @@ def run_console(*args: str, cwd: Path, threads: int = 1) -> str:
     return proc.stdout
 
 
+#: Commands :func:`run_ue` runs in the test's own process when they use one device: each subprocess spent
+#: seconds importing torch and Lightning, a third of the suite's time (`python -m ue_lightning.cli` is
+#: ``cli.main``; the console, DDP, grid and exit-code tests keep their subprocesses).
+IN_PROCESS = {"fit", "validate", "test", "predict", "export"}
+
+
 def run_ue(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m ue_lightning.cli ARGS`` in a subprocess; fail the test with its output on error."""
+    """Run ``ue ARGS`` (``python -m ue_lightning.cli``) as a user would; fail the test with its output on error.
+
+    A one-device fit, validate, test, predict or export runs in this process (``env``'s ``OMP_NUM_THREADS`` as
+    torch's thread count, warnings ignored, stdout and stderr captured); anything else in a subprocess."""
+    devices = args[list(args).index("--trainer.devices") + 1] if "--trainer.devices" in args else "1"
+    if args and args[0] in IN_PROCESS and devices == "1":
+        return _run_ue_in_process(args, cwd, env or {})
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    if "--trainer.devices" in args and args[list(args).index("--trainer.devices") + 1] != "1":
+    if devices != "1":
         full_env.setdefault("OMP_NUM_THREADS", "1")  # two processes on two cores: no oversubscription
     proc = subprocess.run([sys.executable, "-m", "ue_lightning.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"ue {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def _run_ue_in_process(args: tuple[str, ...], cwd: Path | None, env: dict) -> subprocess.CompletedProcess:
+    import io
+    import warnings
+    from contextlib import redirect_stderr, redirect_stdout
+
+    import ue_lightning.cli as cli
+
+    saved_env = {key: os.environ.get(key) for key in env}
+    threads, here = torch.get_num_threads(), os.getcwd()
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    os.environ.update(env)
+    if "OMP_NUM_THREADS" in env:
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with warnings.catch_warnings(), redirect_stdout(out), redirect_stderr(err):
+            warnings.simplefilter("ignore")
+            try:
+                cli.main(list(args))
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    if code != 0:
+        pytest.fail(f"ue {' '.join(args)} failed ({code}):\n{out.getvalue()[-3000:]}\n{err.getvalue()[-5000:]}")
+    return subprocess.CompletedProcess(["ue", *args], 0, out.getvalue(), err.getvalue())

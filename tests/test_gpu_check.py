@@ -33,23 +33,31 @@ def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def _assert_every_stage_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+def _assert_every_stage_ok(returncode: int, stdout: str, stderr: str = "") -> None:
+    assert returncode == 0, f"{stdout[-4000:]}\n{stderr[-4000:]}"
+    rows = {line.split("|")[1].strip(): line for line in stdout.splitlines() if line.startswith("| ")}
     for stage in STAGES:
-        assert stage in rows, f"no table row for {stage}:\n{proc.stdout[-4000:]}"
+        assert stage in rows, f"no table row for {stage}:\n{stdout[-4000:]}"
         assert rows[stage].split("|")[-2].strip() == "ok", rows[stage]
-    assert "gpu_check: all stages ok" in proc.stdout
+    assert "gpu_check: all stages ok" in stdout
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_every_stage_agrees_between_cuda_and_cpu():
-    _assert_every_stage_ok(_run(timeout=600))
+    proc = _run(timeout=600)
+    _assert_every_stage_ok(proc.returncode, proc.stdout, proc.stderr)
 
 
-def test_dry_run_on_cpu_runs_every_stage():
-    _assert_every_stage_ok(_run("--device", "cpu", timeout=300))
+def test_dry_run_on_cpu_runs_every_stage(capsys):
+    # in process at one thread, as a subprocess with OMP_NUM_THREADS=1 (which spent seconds importing torch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        returncode = _load_script().main(["--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    _assert_every_stage_ok(returncode, capsys.readouterr().out)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is there")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -112,13 +110,17 @@ def test_ue_predict_keeps_no_predictions_in_memory(monkeypatch, tmp_path):
     (["export", "--noise", "/nonexistent/n.safetensors", "--dataset", "digits", "--output", "/tmp/ue-never"],
      "n.safetensors"),
 ])
-def test_user_errors_print_one_message_and_exit_2(args, says):
-    proc = subprocess.run([sys.executable, "-m", "ue_lightning.cli", *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("ue: error:")]
-    assert len(errors) == 1 and says in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+def test_user_errors_print_one_message_and_exit_2(args, says, capsys, monkeypatch):
+    import ue_lightning.cli as cli
+
+    monkeypatch.delenv("UE_DEBUG", raising=False)  # `python -m ue_lightning.cli` runs cli.main: in process
+    with pytest.raises(SystemExit) as stop:
+        cli.main(args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("ue: error:")]
+    assert len(errors) == 1 and says in errors[0], err[-2000:]
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("mistake, says", [
