@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -121,6 +123,16 @@ def test_user_errors_print_one_message_and_exit_2(args, says, capsys, monkeypatc
     errors = [line for line in err.splitlines() if line.startswith("ue: error:")]
     assert len(errors) == 1 and says in errors[0], err[-2000:]
     assert "Traceback" not in err
+
+
+def test_the_entry_point_exits_2_with_the_one_line(tmp_path):
+    """`python -m ue_lightning.cli`, as a user runs it (the cases above call cli.main in process)."""
+    proc = subprocess.run([sys.executable, "-m", "ue_lightning.cli", "fit", *TINY, "--model.init_args.adv_radius", "100"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1].startswith("ue: error: adv_radius=100 is out of range"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("mistake, says", [
