@@ -1,5 +1,5 @@
-"""The ``ue`` command: LightningCLI (fit/validate/test/predict) plus ``export``, ``pipeline``, ``protect``, ``grid``
-and ``embed``.
+"""The ``ue`` command: LightningCLI (fit/validate/test/predict) plus ``export``, ``import``, ``pipeline``, ``protect``,
+``grid`` and ``embed``.
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
     ue test --config configs/data/cifar10.yaml --config configs/victim/resnet18.yaml --ckpt_path last.ckpt
     ue predict --config configs/data/cifar10.yaml --config configs/generator/rem.yaml --ckpt_path generator.ckpt
     ue export --noise noise.safetensors --dataset cifar10 --root data --output protected/ --format png
+    ue import --source perturbation.pt --format em --dataset cifar10 --root data --output em.safetensors
     ue protect --input my-photos/ --output my-photos-protected/
 """
 
@@ -18,7 +19,7 @@ import sys
 from ue_lightning.lightning_cli import UECLI, build_cli  # noqa: F401  (re-exported: tests and callers use ue_lightning.cli)
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")  # LightningCLI's subcommands
-EXTRA_COMMANDS = ("export", "pipeline", "protect", "grid", "embed")
+EXTRA_COMMANDS = ("export", "import", "pipeline", "protect", "grid", "embed")
 
 TOP_HELP = """usage: ue COMMAND [options]    (ue COMMAND --help: that command's options)
 
@@ -29,7 +30,9 @@ commands:
   validate   evaluate a model on the validation split
   test       evaluate a model (e.g. a victim from its checkpoint) on the clean test split
   predict    write a fitted generator's noise over the train split to a noise file
-  export     apply a noise file to a dataset and write the protected images (png or CIFAR batches)
+  export     apply a noise file to a dataset and write the protected images (png or CIFAR batches),
+             or write the noise for the authors' code (--format em: EM's .pt, rem: REM's .pkl)
+  import     read the authors' released noise (EM's perturbation.pt, REM's .pkl) into a noise file
   pipeline   score estimator -> generators -> noise files -> victims -> accuracy table, in one go
   protect    protect a folder of your own images: lossless PNGs at their own size, and a report
   grid       run a YAML grid of cells (the papers' tables) resumably, here or on SLURM, and render it
@@ -93,6 +96,8 @@ def _run(argv: list[str] | None) -> None:
 
         if args[0] == "export":
             from ue_lightning.data.export import export_protected as command
+        elif args[0] == "import":
+            from ue_lightning.data.authors_noise import import_noise as command
         elif args[0] == "protect":
             from ue_lightning.protect import protect_folder as command
         elif args[0] == "embed":

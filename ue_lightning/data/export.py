@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from ue_lightning.console import progress
+from ue_lightning.data.authors_noise import FORMATS, export_authors_noise
 from ue_lightning.data.cifar_batches import write_marker
 from ue_lightning.data.datasets import CleanImages, load_dataset
 from ue_lightning.data.noise_file import NoiseFile, apply_delta
@@ -127,22 +128,30 @@ def export_protected(
     output: str,
     dataset: str,
     root: str = "data",
-    format: Literal["png", "cifar"] = "png",
+    format: Literal["png", "cifar", "em", "rem"] = "png",
     max_classes: int | None = None,
     resize: int | None = None,
 ) -> Path:
-    """Write the protected train split (and the clean test split) of ``dataset`` to ``output``.
+    """Write the protected train split (and the clean test split) of ``dataset`` to ``output``, or the noise alone
+    in an authors' format.
 
     Args:
         noise: the noise file (``ue predict`` output); it must match the dataset.
-        output: folder to create (must not exist yet).
+        output: folder to create (must not exist yet); for ``em`` and ``rem`` the file to write.
         dataset, root, max_classes, resize: the clean data, as in UEDataModule.
-        format: ``png`` (ImageFolder tree) or ``cifar`` (CIFAR python batches; 3x32x32 only).
+        format: ``png`` (ImageFolder tree), ``cifar`` (CIFAR python batches; 3x32x32 only), or the noise for the
+            authors' code: ``em`` (EM's perturbation.pt), ``rem`` (REM's .pkl) (:mod:`.authors_noise`).
     """
     out = Path(output)
     if out.exists():
-        raise FileExistsError(f"{out} exists; choose a new --output folder (nothing was overwritten)")
+        raise FileExistsError(f"{out} exists; choose a new --output {'file' if format in FORMATS else 'folder'} "
+                              "(nothing was overwritten)")
     clean_train = load_dataset(dataset, root, True, num_classes=max_classes, resize=resize)
+    if format in FORMATS:
+        noise_file = NoiseFile.open(noise)
+        noise_file.check_matches(clean_train.fingerprint())
+        noise_file.check_budget()
+        return export_authors_noise(noise_file, out, format)
     clean_test = load_dataset(dataset, root, False, num_classes=max_classes, resize=resize)
     noise_file = NoiseFile.open(noise)
     noise_file.check_matches(clean_train.fingerprint())
@@ -150,7 +159,7 @@ def export_protected(
     if format == "png":
         folder_names(clean_train.class_names)  # before anything is written
     if format not in ("png", "cifar"):
-        raise ValueError(f"format={format!r}: choose png or cifar")
+        raise ValueError(f"format={format!r}: choose png, cifar, em or rem")
     tmp = scratch_dir(out)
     try:
         with progress(desc=f"export ({format})", total=len(clean_train) + len(clean_test), unit="image") as bar:

@@ -1,0 +1,162 @@
+"""Noise in the formats the source papers' code releases: read into a noise file, and written from one.
+
+Read off the authors' loaders (their code is never imported or run here):
+
+* ``em``: Huang et al.'s ``perturbation.pt`` (HanxunH/Unlearnable-Examples): a float tensor (R, C, H, W) saved with
+  ``torch.save``, R = the train samples (sample-wise) or the classes (class-wise), in units of 1/255 of the pixel
+  range (8/255 = 0.0314). Their CIFAR loader (``dataset.py``, ``PoisonCIFAR10``) multiplies it by 255, clamps it to
+  [0, 255] (so the negative half of the noise is dropped), adds it to the float32 image, clips to [0, 255] and casts
+  to uint8 (truncation).
+* ``rem``: Fu et al.'s ``*-def-noise.pkl`` (fshp971/robust-unlearnable-examples): a pickled numpy int8 array
+  (N, C, H, W) in 1/255 units; their loader adds it to the uint8 image as int16 and clips to [0, 255]. TUE's code
+  (Ren et al.) builds on EM's and reads EM's layout.
+
+Importing applies the authors' rule to the clean images, so the noise file gives the images their loader would
+train on, bit for bit for sample-wise noise (class-wise: each class's pattern rounded down to whole grey levels, as
+their truncation does for integer pixels). Exporting writes what their loader turns back into this file's images:
+``rem`` exactly; ``em`` as (delta + 0.5)/255, so their truncation lands on delta, with the negative half kept (their
+CIFAR loader's clamp at 0 would drop it: keep it by clamping to [-255, 255] there, or use ``rem``).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ue_lightning.data.cifar_batches import _ArraysOnly
+from ue_lightning.data.datasets import CleanImages, load_dataset
+from ue_lightning.data.noise_file import NoiseFile, NoiseMetadata
+from ue_lightning.scratch import as_published, scratch_file
+
+Format = Literal["em", "rem"]
+FORMATS = ("em", "rem")
+_CHUNK = 4096
+
+
+def read_authors_noise(path: str | Path, format: Format) -> np.ndarray:
+    """The raw array of an authors' noise file: ``em`` float32 (R, C, H, W) in 1/255 units (already times 255),
+    ``rem`` int16 (R, C, H, W) in 1/255 units. Refuses anything else in one line naming the fix."""
+    path = Path(path)
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r}: choose em (perturbation.pt) or rem (*-def-noise.pkl)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: give the authors' noise file (--source)")
+    if format == "em":
+        try:  # weights_only: a tensor file, never a pickle that runs code
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (torch raises many kinds for a file that is not a tensor)
+            raise ValueError(f"{path} is not a tensor file saved with torch.save ({type(e).__name__}); "
+                             "an EM perturbation.pt is one float tensor (--format rem reads REM's .pkl)") from None
+        if not isinstance(raw, torch.Tensor) or not raw.is_floating_point() or raw.dim() != 4:
+            what = f"a {raw.dim()}-D {raw.dtype} tensor" if isinstance(raw, torch.Tensor) else type(raw).__name__
+            raise ValueError(f"{path} holds {what}; an EM perturbation.pt is a float tensor (R, C, H, W) in [-1, 1]")
+        return raw.float().mul(255).numpy()
+    try:
+        with open(path, "rb") as f:
+            raw = _ArraysOnly(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} is not a REM noise file (a pickled numpy int8 array; {e}); "
+                         "--format em reads EM's perturbation.pt") from None
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.int8 or raw.ndim != 4:
+        what = f"a {raw.ndim}-D {raw.dtype} array" if isinstance(raw, np.ndarray) else type(raw).__name__
+        raise ValueError(f"{path} holds {what}; a REM noise file is an int8 array (N, C, H, W) in 1/255 units")
+    return raw.astype(np.int16)
+
+
+def _is_classwise(raw: np.ndarray, clean: CleanImages, source: Path) -> bool:
+    if tuple(raw.shape[1:]) != tuple(clean.image_shape):
+        raise ValueError(f"{source} holds noise of shape {tuple(raw.shape[1:])} a row; {clean.name}/{clean.split} "
+                         f"images are {tuple(clean.image_shape)} (C, H, W): give the dataset it was made for")
+    if raw.shape[0] == len(clean):
+        return False
+    if raw.shape[0] == clean.num_classes:
+        return True
+    raise ValueError(f"{source} has {raw.shape[0]} rows: neither the {len(clean)} train samples nor the "
+                     f"{clean.num_classes} classes of {clean.name}: give the dataset (and --max_classes) it was made for")
+
+
+def authors_delta(raw: np.ndarray, format: Format, clean: CleanImages, classwise: bool,
+                  negative: Literal["drop", "keep"] = "drop") -> np.ndarray:
+    """int8 delta (R, C, H, W) in 1/255 units giving the images the authors' loader makes from ``raw``."""
+    if format == "em":
+        levels = np.clip(raw, 0 if negative == "drop" else -255, 255).astype(np.float32)
+    else:
+        levels = raw
+    if classwise:  # x + t truncated is x + floor(t) for integer x (1e-3: float32 error of k/255 * 255)
+        whole = np.floor(levels + 1e-3) if format == "em" else levels
+        return np.clip(whole, -128, 127).astype(np.int8)
+    delta = np.empty(raw.shape, dtype=np.int8)
+    for start in range(0, len(raw), _CHUNK):
+        rows = np.arange(start, min(start + _CHUNK, len(raw)))
+        x = clean.image_batch(rows).numpy()
+        if format == "em":  # their loader: float32 add, clip, cast to uint8
+            protected = np.clip(x.astype(np.float32) + levels[rows], 0, 255).astype(np.uint8)
+        else:  # int16 add, clip
+            protected = np.clip(x.astype(np.int16) + levels[rows], 0, 255).astype(np.uint8)
+        delta[rows] = protected.astype(np.int16) - x.astype(np.int16)
+    return delta
+
+
+def import_noise(
+    source: str,
+    output: str,
+    dataset: str,
+    format: Format = "em",
+    root: str = "data",
+    negative: Literal["drop", "keep"] = "drop",
+    method: str | None = None,
+    max_classes: int | None = None,
+    resize: int | None = None,
+) -> Path:
+    """Read an authors' noise file (``--format em``: EM's perturbation.pt; ``rem``: REM's .pkl) into a noise file.
+
+    Args:
+        source: the authors' file.
+        output: the noise file to write (must not exist yet).
+        dataset, root, max_classes, resize: the clean train split it was made for, as in UEDataModule.
+        negative: ``em`` only: ``drop`` the negative half as EM's CIFAR loader does (its clamp to [0, 255]),
+            or ``keep`` it (the signed noise the paper describes).
+        method: the name recorded in the file (default ``<format>-imported``).
+    """
+    out = Path(output)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new --output file (nothing was overwritten)")
+    if negative not in ("drop", "keep"):
+        raise ValueError(f"negative={negative!r}: choose drop (EM's CIFAR loader) or keep")
+    raw = read_authors_noise(source, format)
+    clean = load_dataset(dataset, root, True, num_classes=max_classes, resize=resize)
+    classwise = _is_classwise(raw, clean, Path(source))
+    delta = authors_delta(raw, format, clean, classwise, negative)
+    epsilon = max(1, int(np.abs(delta.astype(np.int16)).max()))
+    metadata = NoiseMetadata(method=method or f"{format}-imported", epsilon=float(epsilon), classwise=classwise,
+                             fingerprint=clean.fingerprint(),
+                             config={"source": str(source), "format": format, "negative": negative})
+    NoiseFile.write(out, delta, metadata)
+    return out
+
+
+def export_authors_noise(noise: NoiseFile, output: Path, format: Format) -> Path:
+    """Write ``noise`` in an authors' format at ``output`` (atomically): ``rem`` int8 pickle, ``em`` float tensor."""
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r}: choose em or rem")
+    delta = np.asarray(noise.delta)
+    fd, tmp = scratch_file(output)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if format == "rem":
+                pickle.dump(np.ascontiguousarray(delta, dtype=np.int8), f, protocol=4)
+            else:  # (delta + 0.5)/255: their float32 add and uint8 truncation land on delta exactly
+                torch.save(torch.from_numpy((delta.astype(np.float32) + 0.5) / 255), f)
+            f.flush()
+            os.fsync(f.fileno())
+        as_published(tmp)
+        tmp.rename(output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Path(output)
