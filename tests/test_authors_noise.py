@@ -116,6 +116,16 @@ def test_a_foreign_file_is_refused_in_one_line_naming_the_fix(tmp_path, capsys, 
     assert not (tmp_path / "n.safetensors").exists()
 
 
+def test_class_wise_noise_is_not_exported_in_rems_sample_wise_layout(tmp_path):
+    meta = NoiseMetadata(method="em-classwise", epsilon=8.0, classwise=True, fingerprint=CLEAN.fingerprint())
+    noise = NoiseFile.write(tmp_path / "cw.safetensors", np.full((10, 1, 8, 8), 3, np.int8), meta)
+    with pytest.raises(ValueError, match="use --format em"):
+        export_protected(str(noise.path), str(tmp_path / "cw.pkl"), "digits", format="rem")
+    assert not (tmp_path / "cw.pkl").exists()
+    theirs = export_protected(str(noise.path), str(tmp_path / "cw.pt"), "digits", format="em")
+    assert torch.load(theirs, weights_only=True).shape == (10, 1, 8, 8)
+
+
 def test_an_existing_output_is_never_overwritten(tmp_path):
     ours = _our_noise(tmp_path)
     (tmp_path / "taken.pkl").write_bytes(b"keep me")

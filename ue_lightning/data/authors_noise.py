@@ -144,6 +144,9 @@ def export_authors_noise(noise: NoiseFile, output: Path, format: Format) -> Path
     """Write ``noise`` in an authors' format at ``output`` (atomically): ``rem`` int8 pickle, ``em`` float tensor."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: choose em or rem")
+    if format == "rem" and noise.classwise:
+        raise ValueError(f"{noise.path} is class-wise; REM's loader reads one row a sample: use --format em "
+                         "(EM's layout holds class-wise noise)")
     delta = np.asarray(noise.delta)
     fd, tmp = scratch_file(output)
     try:
