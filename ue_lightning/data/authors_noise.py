@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ue_lightning.data.cifar_batches import _ArraysOnly
+from ue_lightning.data.cifar_batches import unpickle_arrays
 from ue_lightning.data.datasets import CleanImages, load_dataset
 from ue_lightning.data.noise_file import NoiseFile, NoiseMetadata
 from ue_lightning.scratch import as_published, scratch_file
@@ -58,7 +58,7 @@ def read_authors_noise(path: str | Path, format: Format) -> np.ndarray:
         return raw.float().mul(255).numpy()
     try:
         with open(path, "rb") as f:
-            raw = _ArraysOnly(f, encoding="latin1").load()
+            raw = unpickle_arrays(f)
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
         raise ValueError(f"{path} is not a REM noise file (a pickled numpy int8 array; {e}); "
                          "--format em reads EM's perturbation.pt") from None

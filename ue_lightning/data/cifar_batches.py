@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -28,14 +29,20 @@ class _ArraysOnly(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch (only numpy arrays)")
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed here (only numpy arrays)")
+
+
+def unpickle_arrays(f: BinaryIO) -> Any:
+    """Unpickle numpy arrays and plain containers only: any other class is refused, so no code runs
+    (pickle.UnpicklingError)."""
+    return _ArraysOnly(f, encoding="latin1").load()
 
 
 def load_batch(path: Path) -> dict:
     """One pickled batch, refusing any object but arrays and plain containers."""
     with open(path, "rb") as f:
         try:
-            return _ArraysOnly(f, encoding="latin1").load()
+            return unpickle_arrays(f)
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{path} is not a readable CIFAR batch ({e}); export the data again with "
                              "`ue export --format cifar`") from None
