@@ -147,15 +147,12 @@ def export_protected(
         raise FileExistsError(f"{out} exists; choose a new --output {'file' if format in FORMATS else 'folder'} "
                               "(nothing was overwritten)")
     clean_train = load_dataset(dataset, root, True, num_classes=max_classes, resize=resize)
-    if format in FORMATS:
-        noise_file = NoiseFile.open(noise)
-        noise_file.check_matches(clean_train.fingerprint())
-        noise_file.check_budget()
-        return export_authors_noise(noise_file, out, format)
-    clean_test = load_dataset(dataset, root, False, num_classes=max_classes, resize=resize)
     noise_file = NoiseFile.open(noise)
     noise_file.check_matches(clean_train.fingerprint())
     noise_file.check_budget()
+    if format in FORMATS:
+        return export_authors_noise(noise_file, out, format)
+    clean_test = load_dataset(dataset, root, False, num_classes=max_classes, resize=resize)
     if format == "png":
         folder_names(clean_train.class_names)  # before anything is written
     if format not in ("png", "cifar"):
