@@ -126,6 +126,18 @@ def test_class_wise_noise_is_not_exported_in_rems_sample_wise_layout(tmp_path):
     assert torch.load(theirs, weights_only=True).shape == (10, 1, 8, 8)
 
 
+def test_noise_beyond_a_noise_files_budget_is_refused_and_nothing_is_written(tmp_path, capsys):
+    import ue_lightning.cli as cli
+
+    torch.save(torch.full((len(CLEAN), 1, 8, 8), 0.8), tmp_path / "big.pt")  # +204/255: int8 would wrap it
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["import", "--source", str(tmp_path / "big.pt"), "--format", "em", "--dataset", "digits",
+                  "--output", str(tmp_path / "big.safetensors")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "at most 64/255 (nothing was written)" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.pt"]
+
+
 def test_an_existing_output_is_never_overwritten(tmp_path):
     ours = _our_noise(tmp_path)
     (tmp_path / "taken.pkl").write_bytes(b"keep me")

@@ -30,7 +30,7 @@ import torch
 
 from ue_lightning.data.cifar_batches import unpickle_arrays
 from ue_lightning.data.datasets import CleanImages, load_dataset
-from ue_lightning.data.noise_file import NoiseFile, NoiseMetadata
+from ue_lightning.data.noise_file import MAX_EPSILON, NoiseFile, NoiseMetadata
 from ue_lightning.scratch import as_published, scratch_file
 
 Format = Literal["em", "rem"]
@@ -82,22 +82,20 @@ def _is_classwise(raw: np.ndarray, clean: CleanImages, source: Path) -> bool:
 
 def authors_delta(raw: np.ndarray, format: Format, clean: CleanImages, classwise: bool,
                   negative: Literal["drop", "keep"] = "drop") -> np.ndarray:
-    """int8 delta (R, C, H, W) in 1/255 units giving the images the authors' loader makes from ``raw``."""
+    """int16 delta (R, C, H, W) in 1/255 units giving the images the authors' loader makes from ``raw`` (``em``'s
+    array is clipped in place)."""
     if format == "em":
-        levels = np.clip(raw, 0 if negative == "drop" else -255, 255).astype(np.float32)
-    else:
-        levels = raw
+        np.clip(raw, 0 if negative == "drop" else -255, 255, out=raw)
     if classwise:  # x + t truncated is x + floor(t) for integer x (1e-3: float32 error of k/255 * 255)
-        whole = np.floor(levels + 1e-3) if format == "em" else levels
-        return np.clip(whole, -128, 127).astype(np.int8)
-    delta = np.empty(raw.shape, dtype=np.int8)
+        return (np.floor(raw + 1e-3) if format == "em" else raw).astype(np.int16)
+    delta = np.empty(raw.shape, dtype=np.int16)
     for start in range(0, len(raw), _CHUNK):
-        rows = np.arange(start, min(start + _CHUNK, len(raw)))
-        x = clean.image_batch(rows).numpy()
+        rows = slice(start, min(start + _CHUNK, len(raw)))
+        x = clean.image_batch(np.arange(rows.start, rows.stop)).numpy()
         if format == "em":  # their loader: float32 add, clip, cast to uint8
-            protected = np.clip(x.astype(np.float32) + levels[rows], 0, 255).astype(np.uint8)
+            protected = np.clip(x.astype(np.float32) + raw[rows], 0, 255).astype(np.uint8)
         else:  # int16 add, clip
-            protected = np.clip(x.astype(np.int16) + levels[rows], 0, 255).astype(np.uint8)
+            protected = np.clip(x.astype(np.int16) + raw[rows], 0, 255).astype(np.uint8)
         delta[rows] = protected.astype(np.int16) - x.astype(np.int16)
     return delta
 
@@ -132,11 +130,14 @@ def import_noise(
     clean = load_dataset(dataset, root, True, num_classes=max_classes, resize=resize)
     classwise = _is_classwise(raw, clean, Path(source))
     delta = authors_delta(raw, format, clean, classwise, negative)
-    epsilon = max(1, int(np.abs(delta.astype(np.int16)).max()))
+    epsilon = max(1, int(np.abs(delta).max()))
+    if epsilon > MAX_EPSILON:
+        raise ValueError(f"{source} holds noise of up to {epsilon}/255 as their loader applies it; a noise file holds "
+                         f"at most {MAX_EPSILON}/255 (nothing was written): is it the authors' noise for this dataset?")
     metadata = NoiseMetadata(method=method or f"{format}-imported", epsilon=float(epsilon), classwise=classwise,
                              fingerprint=clean.fingerprint(),
                              config={"source": str(source), "format": format, "negative": negative})
-    NoiseFile.write(out, delta, metadata)
+    NoiseFile.write(out, delta.astype(np.int8), metadata)
     return out
 
 

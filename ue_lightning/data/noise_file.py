@@ -38,6 +38,7 @@ from ue_lightning.scratch import as_published, scratch_file
 
 FORMAT = "ue_lightning.noise"
 FORMAT_VERSION = 1
+MAX_EPSILON = 64  # 1/255 units: the largest budget a noise file states (as every budget of the package)
 _META_KEY = "ue_lightning"
 _ALIGN = 8
 
@@ -160,7 +161,7 @@ def _check_metadata_types(m: "NoiseMetadata") -> None:
     """Types a stranger's file could get wrong and that later code would trip over."""
     fp = m.fingerprint
     if not (isinstance(m.method, str) and isinstance(m.classwise, bool) and isinstance(m.version, int)
-            and isinstance(m.epsilon, (int, float)) and not isinstance(m.epsilon, bool) and 0 < m.epsilon <= 64):
+            and isinstance(m.epsilon, (int, float)) and not isinstance(m.epsilon, bool) and 0 < m.epsilon <= MAX_EPSILON):
         raise ValueError("method, classwise, version or epsilon (1/255, in (0, 64]) has the wrong type or value")
     if not (isinstance(fp.num_samples, int) and isinstance(fp.num_classes, int)
             and all(type(v) is int and v > 0 for v in fp.image_shape) and len(fp.image_shape) == 3):
