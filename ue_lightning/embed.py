@@ -16,7 +16,6 @@ shortcut a victim learns) makes ``within / between`` small.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from ue_lightning.data import UEDataModule, stratified_subset
 from ue_lightning.models.checkpoint import check_data_facts, classifier_from_weights, read_classifier_checkpoint
+from ue_lightning.scratch import atomic_write_json
 
 _FIX = "pass the last.ckpt of a victim (`ue fit ... --config configs/victim/<arch>.yaml`) trained on this data"
 
@@ -137,9 +137,9 @@ def embed_features(
         ax.set_title(f"{name} (within/between {spreads[name]['ratio']:.2f})")
     if len(sets) > 1:  # the paper's figure: every data in one panel, a colour per data
         together = axes[0][-1]
-        for (name, xy), colour in zip(zip(sets, points), ("tab:green", "tab:red", "tab:blue", "tab:orange",
-                                                          "tab:purple", "tab:brown", "tab:grey")):
-            together.scatter(xy[:, 0], xy[:, 1], color=colour, s=6, label=name)
+        palette = ("tab:green", "tab:red", "tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:grey")
+        for i, (name, xy) in enumerate(zip(sets, points)):  # colours repeat past 7 data, no panel is dropped
+            together.scatter(xy[:, 0], xy[:, 1], color=palette[i % len(palette)], s=6, label=name)
         together.legend(fontsize=8)
         together.set_title("together, a colour per data")
     for ax in axes[0]:
@@ -159,7 +159,7 @@ def embed_features(
     plt.close(figure)
     report = {"checkpoint": str(checkpoint), "samples": count, "seed": seed, "spread": spreads,
               "noise": {k: v for k, v in sets.items() if v is not None}}
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(out.with_suffix(".json"), report)
     print(f"wrote {out} and {out.with_suffix('.json')}: within/between "
           + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in spreads.items()))
     return report
