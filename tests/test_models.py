@@ -49,7 +49,7 @@ def test_cifar_form_16px() -> None:
 @pytest.mark.parametrize(
     ("arch", "size", "channels"),
     [("resnet18", 224, 3), ("vgg16", 128, 1), ("resnet50", 128, 3), ("densenet121", 128, 1), ("wrn34_10", 128, 3),
-     ("mobilenet_v2", 128, 1)],
+     ("mobilenet_v2", 128, 1), ("vit", 128, 1)],
 )
 def test_imagenet_form_logits_shape(arch: str, size: int, channels: int) -> None:
     model = build_classifier(arch, num_classes=5, in_channels=channels, image_size=size).eval()
@@ -123,6 +123,17 @@ def test_full_width_parameter_counts() -> None:
     assert 46.0e6 <= wrn <= 46.4e6, wrn
     mobilenet = _num_params(build_classifier("mobilenet_v2", 10))
     assert 2.2e6 <= mobilenet <= 2.3e6, mobilenet  # torchvision's features (2.22M) and a 1280 x 10 head
+    vit = _num_params(build_classifier("vit", 10))
+    assert 3.1e6 <= vit <= 3.3e6, vit  # 6 layers of 4 x 256^2 (attention) + 2 x 256 x 512 (MLP), and the rest
+
+
+def test_vit_takes_its_own_size_and_refuses_one_its_patches_do_not_tile() -> None:
+    model = build_classifier("vit", 10, image_size=24, width=32)
+    assert model(torch.rand(2, 3, 24, 24)).shape == (2, 10)
+    with pytest.raises(ValueError, match="multiple of its patch size 4"):
+        build_classifier("vit", 10, image_size=30)
+    with pytest.raises(ValueError, match="width 100 must be a multiple of its 3 heads"):
+        build_classifier("vit", 10, image_size=32, width=100)
 
 
 def test_mobilenet_v2_cifar_form_downsamples_32_px_to_4() -> None:

@@ -315,10 +315,10 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(tta, monkeypat
 
 
 def test_triangular_schedule_and_nesterov():
-    from ue_lightning.modules.optim import sgd_with_schedule
+    from ue_lightning.modules.optim import optimizer_with_schedule
 
     params = [torch.nn.Parameter(torch.zeros(1))]
-    conf = sgd_with_schedule(params, 10, lr=1.0, schedule="triangular", warmup=0.2, nesterov=True)
+    conf = optimizer_with_schedule(params, 10, lr=1.0, schedule="triangular", warmup=0.2, nesterov=True)
     optimizer, scheduler = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     assert optimizer.defaults["nesterov"]
     rates = []
@@ -328,7 +328,17 @@ def test_triangular_schedule_and_nesterov():
         scheduler.step()
     assert rates == pytest.approx([1 / 3, 2 / 3, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
     with pytest.raises(ValueError, match="warmup"):
-        sgd_with_schedule(params, 10, lr=1.0, schedule="triangular", warmup=1.5)
+        optimizer_with_schedule(params, 10, lr=1.0, schedule="triangular", warmup=1.5)
+
+
+def test_adamw_for_the_vit_victim():
+    from ue_lightning.modules.optim import optimizer_with_schedule
+
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    conf = optimizer_with_schedule(params, 10, lr=1e-3, optimizer="adamw", weight_decay=0.05)
+    assert isinstance(conf["optimizer"], torch.optim.AdamW) and conf["optimizer"].defaults["weight_decay"] == 0.05
+    with pytest.raises(ValueError, match="choose sgd or adamw"):
+        optimizer_with_schedule(params, 10, lr=1e-3, optimizer="adam")
 
 
 class _WhiteningAtFirstStep(L.Callback):

@@ -12,9 +12,10 @@ from .cifar import (cifar_densenet121, cifar_mobilenet_v2, cifar_resnet18, cifar
                     cifar_wrn34_10)
 from .imagenet import imagenet_classifier
 from .normalize import ImageClassifier
+from .vit import vit_classifier
 
 ARCHITECTURES: tuple[str, ...] = ("vgg16", "resnet18", "resnet50", "densenet121", "wrn34_10", "mobilenet_v2",
-                                  "airbench")
+                                  "vit", "airbench")
 
 #: Smallest ``image_size`` for which the ImageNet (torchvision) form is used.
 IMAGENET_MIN_SIZE = 128
@@ -42,7 +43,8 @@ def build_classifier(
 
     Args:
         arch: one of :data:`ARCHITECTURES` (case-insensitive). ``airbench`` (the fast victim,
-            :mod:`ue_lightning.models.airbench`) has one form at every ``image_size``.
+            :mod:`ue_lightning.models.airbench`) has one form at every ``image_size``; ``vit``
+            (:mod:`ue_lightning.models.vit`) takes images of ``image_size`` only.
         num_classes: number of output logits.
         in_channels: image channels C (1 for greyscale).
         image_size: side length in pixels; ``>= 128`` selects the torchvision
@@ -71,12 +73,15 @@ def build_classifier(
     kwargs = {} if width is None else {"width": width}
     if name == "airbench":
         model = airbench_classifier(num_classes, in_channels, mean=mean, std=std, **kwargs)
+    elif image_size >= IMAGENET_MIN_SIZE and width is not None:
+        raise ValueError(
+            f"width is only supported by the CIFAR forms (image_size < {IMAGENET_MIN_SIZE}); "
+            f"got width={width} with image_size={image_size}"
+        )
+    elif name == "vit":
+        model = vit_classifier(num_classes, in_channels, image_size, width, mean, std,
+                               imagenet_form=image_size >= IMAGENET_MIN_SIZE)
     elif image_size >= IMAGENET_MIN_SIZE:
-        if width is not None:
-            raise ValueError(
-                f"width is only supported by the CIFAR forms (image_size < {IMAGENET_MIN_SIZE}); "
-                f"got width={width} with image_size={image_size}"
-            )
         model = imagenet_classifier(name, num_classes, in_channels, mean, std)
     else:
         model = _CIFAR[name](num_classes, in_channels, mean=mean, std=std, **kwargs)

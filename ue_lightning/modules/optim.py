@@ -1,4 +1,4 @@
-"""SGD with the schedules the papers use, stepped per optimiser step."""
+"""SGD (or AdamW, for the ViT victim) with the schedules the papers use, stepped per optimiser step."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from typing import Callable, Iterable, Literal
 import torch
 
 
-def sgd_with_schedule(
+def optimizer_with_schedule(
     params: Iterable[torch.nn.Parameter],
     total_steps: int | float,
     *,
     lr: float,
+    optimizer: Literal["sgd", "adamw"] = "sgd",
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     schedule: Literal["cosine", "step", "constant", "triangular"] = "cosine",
@@ -20,7 +21,8 @@ def sgd_with_schedule(
     nesterov: bool = False,
     warmup: float = 0.2,
 ) -> dict:
-    """Lightning's ``configure_optimizers`` answer: SGD and a per-step LR schedule.
+    """Lightning's ``configure_optimizers`` answer: SGD (``momentum``, ``nesterov``) or AdamW (torch's betas;
+    transformers train poorly with SGD) with ``weight_decay``, and a per-step LR schedule.
 
     ``milestones`` are fractions of ``total_steps`` (REM's victim: 16k and 32k of 40k
     steps = 0.4, 0.8), so one config serves any epoch or step budget. ``triangular``
@@ -28,7 +30,12 @@ def sgd_with_schedule(
     (0-based), then falls linearly to ``lr / (total_steps - w)`` at the last step
     (``warmup=0``: a plain linear decay; airbench's short schedule is of this shape).
     """
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    if optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    elif optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer={optimizer!r}: choose sgd or adamw")
     total = max(1, int(total_steps))
     if schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)

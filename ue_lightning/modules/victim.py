@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ue_lightning.ops.attacks import budget_to_pixels, cross_entropy_sum, pgd_maximize
 from ue_lightning.models import PatchWhitening, build_classifier, in_mode
-from ue_lightning.modules.optim import sgd_with_schedule
+from ue_lightning.modules.optim import optimizer_with_schedule
 
 #: Train images (per process) whose 2x2 patches set the airbench whitening layer.
 WHITENING_IMAGES = 5000
@@ -52,9 +52,10 @@ class VictimClassifier(L.LightningModule):
         adv_step_size: PGD step in 1/255 units (None: adv_radius / 4, as REM).
         attack_mode: BatchNorm mode while the attack runs (``eval``: statistics untouched).
         robust_eval: also report PGD accuracy on the test set.
-        lr: SGD learning rate.
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
+        lr: learning rate (at the schedule's peak).
+        optimizer: ``sgd`` (the papers' victims) or ``adamw`` (the ViT's, configs/victim/vit.yaml).
+        momentum: SGD momentum (``nesterov`` too: SGD only).
+        weight_decay: the optimiser's weight decay.
         schedule: ``cosine`` over all steps, ``step`` (x ``gamma`` at ``milestones``), ``constant``
             or ``triangular`` (linear rise over ``warmup``, then linear fall: the fast victim's).
         milestones: fractions of training at which ``step`` multiplies the rate by ``gamma``.
@@ -93,6 +94,7 @@ class VictimClassifier(L.LightningModule):
         attack_mode: Literal["train", "eval"] = "eval",
         robust_eval: bool = False,
         lr: float = 0.1,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         schedule: Literal["cosine", "step", "constant", "triangular"] = "cosine",
@@ -204,6 +206,7 @@ class VictimClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        return sgd_with_schedule(self.parameters(), self.trainer.estimated_stepping_batches, lr=h.lr,
-                                 momentum=h.momentum, weight_decay=h.weight_decay, schedule=h.schedule,
-                                 milestones=h.milestones, gamma=h.gamma, nesterov=h.nesterov, warmup=h.warmup)
+        return optimizer_with_schedule(self.parameters(), self.trainer.estimated_stepping_batches, lr=h.lr,
+                                       optimizer=h.optimizer, momentum=h.momentum, weight_decay=h.weight_decay,
+                                       schedule=h.schedule, milestones=h.milestones, gamma=h.gamma,
+                                       nesterov=h.nesterov, warmup=h.warmup)
