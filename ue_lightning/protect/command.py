@@ -80,6 +80,7 @@ def protect_folder(
     step_size: float | None = None,
     working_size: int = 256,
     eot_jpeg: int = 0,
+    eot_views: Literal["both", "alternate"] = "both",
     batch_size: int = 32,
     seed: int = 0,
     grid_images: int = 6,
@@ -120,6 +121,8 @@ def protect_folder(
             (pixels; shrunk, aspect kept) and stretched back over it; 0: always at full size.
         eot_jpeg: ``em``: a JPEG quality (1-95) the noise is also made to work through (the photo as written and
             its JPEG round trip, each step; twice the time); 0: off.
+        eot_views: with ``--eot_jpeg``: ``both`` views each step (twice the time), or ``alternate``: the photo as
+            written and its JPEG round trip on alternate steps (the time of plain ``em``).
         batch_size: images of one size put through PGD together (fewer when they are large: at most
             2**20 working pixels a batch). Speed only: the noise is each image's own.
         seed: seed of the quick generator, its training images and clusters.
@@ -167,8 +170,12 @@ def protect_folder(
     run = _device(device)
     settings = {"method": method, "epsilon": float(epsilon), "steps": int(steps), "step_size": float(step_size),
                 "working_size": int(working_size) or None, "seed": int(seed), "surrogate_sha256": "quick"}
+    if eot_views not in ("both", "alternate"):
+        raise ValueError(f"--eot_views {eot_views!r}: choose both or alternate")
     if eot_jpeg:  # recorded only when on: an earlier run's settings.json stays valid for a resume
         settings["eot_jpeg"] = int(eot_jpeg)
+        if eot_views != "both":
+            settings["eot_views"] = eot_views
     if checkpoint is not None:
         noise = NOISE_MAKERS[method](checkpoint, classes, dict(settings, score_checkpoint=score_checkpoint),
                                      run)  # a wrong checkpoint: refused before writing

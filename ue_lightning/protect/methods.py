@@ -42,7 +42,8 @@ class SamplewiseNoise:
         labels, s = self.labels(jobs, colours), self.settings
         return labels, error_minimizing_deltas(self.surrogate, colours, labels, epsilon=s["epsilon"],
                                                steps=s["steps"], step_size=s["step_size"],
-                                               working_size=s["working_size"], eot_jpeg=s.get("eot_jpeg", 0))
+                                               working_size=s["working_size"], eot_jpeg=s.get("eot_jpeg", 0),
+                                               eot_views=s.get("eot_views", "both"))
 
 
 class ClasswiseNoise:

@@ -8,7 +8,7 @@ made at full resolution would be averaged away there; and PGD at 12 MP costs ~10
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -21,6 +21,19 @@ from ue_lightning.protect.surrogate import Surrogate, match_channels
 
 #: ``(x (B, C, h, w) in [0, 1], labels (B,)) -> float noise (B, C, h, w), pixel units``.
 PixelNoise = Callable[[Tensor, Tensor], Tensor]
+
+
+class AlternatingViews:
+    """A loss callable that sees the batch as given on its 1st, 3rd, ... call and through ``view`` on its 2nd, 4th,
+    ...: inside :func:`~ue_lightning.ops.attacks.pgd_minimize`, which calls its loss once a step, an expectation
+    over the two views taken across steps, at one surrogate pass a step."""
+
+    def __init__(self, loss: Callable[[Tensor], Tensor], view: Callable[[Tensor], Tensor]):
+        self.loss, self.view, self.calls = loss, view, 0
+
+    def __call__(self, z: Tensor) -> Tensor:
+        self.calls += 1
+        return self.loss(z if self.calls % 2 else self.view(z))
 
 
 def working_shape(height: int, width: int, working_size: int | None) -> tuple[int, int]:
@@ -53,7 +66,8 @@ def at_working_size(make_noise: PixelNoise, colours: Tensor, labels: Tensor, eps
 
 
 def error_minimizing_deltas(surrogate: Surrogate, colours: Tensor, labels: Tensor, *, epsilon: float, steps: int,
-                            step_size: float, working_size: int | None = None, eot_jpeg: int = 0) -> Tensor:
+                            step_size: float, working_size: int | None = None, eot_jpeg: int = 0,
+                            eot_views: Literal["both", "alternate"] = "both") -> Tensor:
     """int8 noise (B, C, H, W) in 1/255 units for a batch of same-size uint8 images ``colours`` (B, C, H, W).
 
     ``steps`` sign steps of ``step_size`` (1/255 units) from zero, descending the surrogate's
@@ -66,14 +80,18 @@ def error_minimizing_deltas(surrogate: Surrogate, colours: Tensor, labels: Tenso
 
     ``eot_jpeg`` (a JPEG quality, 0: off): the loss is that of the photo as written plus that of its JPEG round
     trip at this quality (:func:`~ue_lightning.protect.platforms.through_jpeg`), so the noise minimises both: an
-    expectation over the two ways the photo may be seen (EOT). Twice the surrogate passes a step.
+    expectation over the two ways the photo may be seen (EOT). ``eot_views``: ``both`` views every step (twice
+    the surrogate passes a step), or ``alternate``: the photo as written on even steps, its round trip on odd ones
+    (the cost of plain EM; the expectation taken over steps instead of within each).
     """
     device = next(surrogate.model.parameters()).device
     radius, alpha = budget_to_pixels(epsilon, "epsilon"), budget_to_pixels(step_size, "step_size")
 
     def descend(x: Tensor, y: Tensor) -> Tensor:
         loss = logit_margin_sum(surrogate, y)
-        if eot_jpeg:
+        if eot_jpeg and eot_views == "alternate":
+            loss = AlternatingViews(loss, lambda z: through_jpeg(z, eot_jpeg))
+        elif eot_jpeg:
             plain = loss
             loss = lambda z: plain(z) + plain(through_jpeg(z, eot_jpeg))  # noqa: E731
         return pgd_minimize(loss, x, radius=radius, step_size=alpha, steps=steps)

@@ -78,7 +78,8 @@ def _steps(settings: dict[str, Any]) -> str:
     """How the noise was made, in a few words."""
     method = settings["method"]
     if method == "em":
-        jpeg = f", through JPEG {settings['eot_jpeg']} too" if settings.get("eot_jpeg") else ""
+        views = " on alternate steps" if settings.get("eot_views") == "alternate" else ""
+        jpeg = f", through JPEG {settings['eot_jpeg']} too{views}" if settings.get("eot_jpeg") else ""
         return f"{settings['steps']} PGD steps{jpeg}"
     if method == "em-classwise":
         return "one pattern a class"
