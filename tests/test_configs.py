@@ -28,8 +28,9 @@ from ue_lightning.data import UEDataModule
 from ue_lightning.modules.baselines import tap
 
 CONFIGS = REPO / "configs"
-#: Methods whose config builds on another's: data collapse is REM's loop plus the score step.
-BUILDS_ON = {"collapse": ("generator/rem",)}
+#: Methods whose config builds on another's: data collapse is REM's loop plus the score step; TUE's MoCo and
+#: SimSiam forms are the SimCLR demo's loop with another backbone.
+BUILDS_ON = {"collapse": ("generator/rem",), "tue-moco": ("generator/tue",), "tue-simsiam": ("generator/tue",)}
 
 
 def _generators() -> list[list[str]]:

@@ -6,6 +6,6 @@ from ue_lightning.modules.robust import RobustNoiseGenerator
 from ue_lightning.modules.score import ScoreEstimator
 from ue_lightning.modules.victim import VictimClassifier
 from ue_lightning.modules.tue import TransferableNoise
-from ue_lightning.modules.ssl_victim import SimCLRVictim
+from ue_lightning.modules.ssl_victim import ContrastiveVictim, SimCLRVictim
 
-__all__ = ["ErrorMinimizingNoise", "RobustNoiseGenerator", "LinearSeparableNoise", "RandomNoise", "TargetedAdversarialPoison", "ScoreEstimator", "VictimClassifier", "TransferableNoise", "SimCLRVictim"]
+__all__ = ["ErrorMinimizingNoise", "RobustNoiseGenerator", "LinearSeparableNoise", "RandomNoise", "TargetedAdversarialPoison", "ScoreEstimator", "VictimClassifier", "TransferableNoise", "ContrastiveVictim", "SimCLRVictim"]

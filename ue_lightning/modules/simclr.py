@@ -1,7 +1,7 @@
 """SimCLR pieces shared by the TUE generator and the unsupervised victim.
 
-* :class:`ProjectionHead` and :class:`SimCLRNet` (a classifier backbone from
-  :func:`~ue_lightning.models.build_classifier` plus the projection head);
+* :class:`ProjectionHead`, SimCLR's projection (the learner itself, with MoCo and SimSiam, is in
+  :mod:`ue_lightning.modules.contrastive`);
 * :func:`nt_xent`, the normalised-temperature cross-entropy of SimCLR;
 * :func:`simclr_views`: SimCLR's view augmentation (random resized crop, flip, colour
   jitter, grayscale), differentiable and drawn per sample, so gradients reach the
@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ue_lightning.models import build_classifier
 
 # ----------------------------------------------------------------------------- networks
 
@@ -35,29 +34,6 @@ class ProjectionHead(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         return self.layers(h)
-
-
-class SimCLRNet(nn.Module):
-    """Encoder f (a classifier of the zoo without its head) followed by the projection g.
-
-    ``features(x)``: (B, C, H, W) in [0, 1] -> representations (B, feature_dim), what a
-    linear probe reads. ``forward(x)``: -> projections (B, proj_dim), what NT-Xent reads.
-    """
-
-    def __init__(self, arch: str = "resnet18", in_channels: int = 3, image_size: int = 32,
-                 width: int | None = None, proj_dim: int = 128):
-        super().__init__()
-        encoder = build_classifier(arch, num_classes=1, in_channels=in_channels, image_size=image_size, width=width)
-        encoder.head = nn.Identity()  # replaced by the projection; an unused head would upset DDP
-        self.encoder = encoder
-        self.feature_dim = encoder.feature_dim
-        self.projection = ProjectionHead(encoder.feature_dim, proj_dim)
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.encoder.forward_features(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.projection(self.features(x))
 
 
 # ----------------------------------------------------------------------------- losses

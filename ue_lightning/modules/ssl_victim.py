@@ -1,6 +1,7 @@
-"""SimCLRVictim: the unsupervised trainer who wants the data (SimCLR + linear probe).
+"""ContrastiveVictim: the unsupervised trainer who wants the data (SimCLR, MoCo or SimSiam + linear probe).
 
-``ue fit`` trains a SimCLR encoder on the train set the DataModule serves (protected or
+``ue fit`` trains a contrastive encoder (``method``: SimCLR, MoCo or SimSiam, the three TUE names:
+:mod:`~ue_lightning.modules.contrastive`) on the train set the DataModule serves (protected or
 clean). ``ue test`` then fits a linear probe on the frozen encoder's features and
 reports its accuracy on the clean test set as ``test/acc``: the "unsupervised test"
 of Transferable Unlearnable Examples (Ren et al., ICLR 2023), whose code was never
@@ -34,7 +35,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ue_lightning.console import progress
 from ue_lightning.models import in_mode
-from ue_lightning.modules.simclr import SimCLRNet, nt_xent, simclr_views
+from ue_lightning.modules.contrastive import ContrastiveMethod, build_learner, learner_optimizer
+from ue_lightning.modules.simclr import simclr_views
 from ue_lightning.modules.unregistered import Unregistered
 from ue_lightning.ops.shard_duplicates import first_occurrences
 
@@ -89,26 +91,30 @@ def probe_train_set(datamodule: L.LightningDataModule, protected: bool) -> Datas
     """The DataModule's train samples without augmentation (the test transform), with or without their noise."""
     test = getattr(datamodule, "test_set", None)
     if not hasattr(datamodule, "train_images") or test is None:
-        raise TypeError("SimCLRVictim's linear probe reads the UEDataModule's train and test sets; use UEDataModule")
+        raise TypeError("ContrastiveVictim's linear probe reads the UEDataModule's train and test sets; use "
+                        "UEDataModule")
     return datamodule.train_images("victim", noised=protected, transform=test.transform)
 
 
-class SimCLRVictim(L.LightningModule):
-    """SimCLR on the (protected) train set, evaluated by a linear probe on clean test data.
+class ContrastiveVictim(L.LightningModule):
+    """A contrastive learner on the (protected) train set, evaluated by a linear probe on clean test data.
 
     Train batches arrive augmented by the DataModule (crop + flip); two SimCLR views of
-    each are drawn here (random resized crop, flip, colour jitter, grayscale).
+    each are drawn here (random resized crop, flip, colour jitter, grayscale), for every ``method``.
 
     Args:
-        arch: encoder architecture (CIFAR ResNet-18 by default); projection to ``proj_dim``.
+        method: ``simclr``, ``moco`` or ``simsiam`` (heads, losses, default optimisers:
+            :mod:`~ue_lightning.modules.contrastive`).
+        arch: encoder architecture (CIFAR ResNet-18 by default).
         width: encoder width (None: the architecture's standard width).
         num_classes: number of classes (linked from the DataModule by the CLI).
         in_channels: image channels (linked from the DataModule by the CLI).
         image_size: side of the model's input in pixels (linked from the DataModule by the CLI).
-        proj_dim: output size of the projection head (128).
-        temperature: NT-Xent temperature (0.5, as TUE's SimCLR).
-        lr: Adam learning rate (1e-3, as TUE's SimCLR).
-        weight_decay: Adam weight decay (1e-6, as TUE's SimCLR).
+        proj_dim: output size of the projection head (None: SimCLR and MoCo 128, SimSiam 2048).
+        temperature: contrastive temperature (None: SimCLR 0.5, MoCo 0.1, as TUE's code).
+        queue_size, momentum, symmetric: MoCo's queue (4096), key-encoder momentum (0.99), symmetric loss (True).
+        lr: learning rate (None: SimCLR Adam 1e-3, MoCo SGD 0.3, SimSiam SGD 0.06, as TUE's code).
+        weight_decay: weight decay (None: SimCLR 1e-6, MoCo 1e-4, SimSiam 5e-4).
         crop_scale: SimCLR view random-resized-crop scale range.
         flip_p: SimCLR view horizontal-flip probability.
         probe_data: ``protected`` or ``clean`` train data for the probe (module docstring).
@@ -121,15 +127,19 @@ class SimCLRVictim(L.LightningModule):
 
     def __init__(
         self,
+        method: ContrastiveMethod = "simclr",
         arch: str = "resnet18",
         num_classes: int = 10,
         in_channels: int = 3,
         image_size: int = 32,
         width: int | None = None,
-        proj_dim: int = 128,
-        temperature: float = 0.5,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-6,
+        proj_dim: int | None = None,
+        temperature: float | None = None,
+        queue_size: int = 4096,
+        momentum: float = 0.99,
+        symmetric: bool = True,
+        lr: float | None = None,
+        weight_decay: float | None = None,
         crop_scale: Sequence[float] = (0.08, 1.0),
         flip_p: float = 0.5,
         probe_data: Literal["protected", "clean"] = "protected",
@@ -143,7 +153,8 @@ class SimCLRVictim(L.LightningModule):
         # `ue test --ckpt_path` gives a checkpoint's hyperparameters precedence over the command line.
         self.save_hyperparameters(ignore=["probe_data", "probe_steps", "probe_weight_decay"])
         self.probe_data, self.probe_steps, self.probe_weight_decay = probe_data, probe_steps, probe_weight_decay
-        self.net = SimCLRNet(arch, in_channels, image_size, width, proj_dim)
+        self.net = build_learner(method, arch, in_channels, image_size, width, proj_dim, temperature, queue_size,
+                                 momentum, symmetric)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         # the probe is fitted at test time and kept out of the module tree, so that neither the
         # optimiser, DDP nor the checkpoint ever see it
@@ -170,9 +181,13 @@ class SimCLRVictim(L.LightningModule):
             return None
         with torch.no_grad():
             v1, v2 = self._view(x), self._view(x)
-        loss = nt_xent(self.net(v1), self.net(v2), self.hparams.temperature)
+        self.net.before_step()
+        loss = self.net.loss(v1, v2)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.net.after_step(self.all_gather)  # MoCo: this step's keys into the queue (after the optimiser step)
 
     # ------------------------------------------------------------------ linear probe
     @torch.no_grad()
@@ -216,4 +231,11 @@ class SimCLRVictim(L.LightningModule):
         self.log("test/probe_train_acc", self._probe_train_acc)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        h = self.hparams
+        return learner_optimizer(h.method, [p for p in self.net.parameters() if p.requires_grad], h.lr,
+                                 h.weight_decay)
+
+
+class SimCLRVictim(ContrastiveVictim):
+    """:class:`ContrastiveVictim` under its former name (``method`` simclr by default), so that configs and
+    checkpoints that name it keep working."""

@@ -1,13 +1,15 @@
 """TransferableNoise: Transferable Unlearnable Examples (Ren et al., ICLR 2023).
 
-Sample-wise noise optimised against a SimCLR encoder plus the Classwise Separability
+Sample-wise noise optimised against a contrastive encoder (``backbone``: SimCLR, MoCo or
+SimSiam, :mod:`~ue_lightning.modules.contrastive`) plus the Classwise Separability
 Discriminant (CSD) of the noise itself:
 
-    min_delta  ssl_weight * NT-Xent(f(view1(x + delta)), f(view2(x + delta)))
+    min_delta  ssl_weight * L_ssl(view1(x + delta), view2(x + delta))
                + csd_weight * CSD(delta, y)          subject to |delta| <= epsilon
 
-The loop follows the reference (``ssl_perturbation.py::sample_wise_perturbation``): a
-SimCLR surrogate is trained on x + delta (Adam), and every ``train_steps`` of its
+(L_ssl: SimCLR's NT-Xent, MoCo's InfoNCE against its queue, SimSiam's negative cosine.)
+The loop follows the reference (``ssl_perturbation.py::sample_wise_perturbation``): the
+surrogate is trained on x + delta (its own optimiser), and every ``train_steps`` of its
 batches the noise of the whole train set is updated by ``steps`` PGD sign steps, on a
 shuffled pass (the CSD needs several classes per batch), the encoder in eval mode.
 There is no stopping rule: the trainer's ``max_epochs`` (40 in the paper) ends it.
@@ -31,7 +33,8 @@ from ue_lightning.ops.augment import random_crop_flip
 from ue_lightning.console import progress
 from ue_lightning.models import in_mode
 from ue_lightning.modules.generator_base import StoredNoiseGenerator
-from ue_lightning.modules.simclr import SimCLRNet, classwise_separability, nt_xent, simclr_views
+from ue_lightning.modules.contrastive import ContrastiveMethod, build_learner, learner_optimizer
+from ue_lightning.modules.simclr import classwise_separability, simclr_views
 from ue_lightning.modules.noise_store import CHUNK_BYTES, StoreKind
 from ue_lightning.ops.sample_rng import salt_of
 
@@ -45,8 +48,9 @@ class TransferableNoise(StoredNoiseGenerator):
     ``ue fit --ckpt_path`` resumes it and ``ue predict --ckpt_path`` writes it.
 
     Args:
-        arch: surrogate encoder (CIFAR ResNet-18 in the paper); its projection head is
-            ``Linear-BN-ReLU-Linear`` to ``proj_dim`` (128).
+        arch: surrogate encoder (CIFAR ResNet-18 in the paper).
+        backbone: the contrastive learner: ``simclr`` (the public demo), ``moco`` or ``simsiam`` (TUE's other two;
+            their heads, losses and optimisers: :mod:`~ue_lightning.modules.contrastive`).
         width: encoder width (None: the architecture's standard width).
         num_classes: number of classes (linked from the DataModule by the CLI).
         in_channels: image channels (linked from the DataModule by the CLI).
@@ -67,10 +71,14 @@ class TransferableNoise(StoredNoiseGenerator):
         csd_view_padding: crop padding of those views in pixels (None: ``image_size // 8``, CIFAR's 4).
         random_start: start the noise uniformly in [-epsilon, epsilon] (the demo), else at 0.
         noise_batch_size: batch of the noise pass (None: the DataModule's batch size, 512 in the paper).
-        proj_dim: output size of the projection head (128).
-        temperature: NT-Xent temperature (0.5).
-        lr: Adam learning rate of the surrogate (1e-3).
-        weight_decay: Adam weight decay of the surrogate (1e-6).
+        proj_dim: output size of the projection head (None: the backbone's, SimCLR and MoCo 128, SimSiam 2048).
+        temperature: contrastive temperature (None: SimCLR 0.5, MoCo 0.1; SimSiam has none).
+        key_gradient: with ``moco`` or ``simsiam``, the noise's gradient also flows through the keys' (targets')
+            branch, the reference's ``--k_grad`` (off by default, as there).
+        queue_size, momentum, symmetric: MoCo's queue of negative keys (4096), key-encoder momentum (0.99) and
+            symmetric loss (True; TUE's MoCo demo: False).
+        lr: learning rate of the surrogate (None: SimCLR Adam 1e-3, MoCo SGD 0.3, SimSiam SGD 0.06).
+        weight_decay: weight decay of the surrogate (None: SimCLR 1e-6, MoCo 1e-4, SimSiam 5e-4).
         crop_scale: SimCLR view random-resized-crop scale range (colour jitter
             0.4/0.4/0.4/0.1 with p 0.8 and grayscale p 0.2 are fixed).
         flip_p: SimCLR view horizontal-flip probability.
@@ -93,6 +101,7 @@ class TransferableNoise(StoredNoiseGenerator):
     def __init__(
         self,
         arch: str = "resnet18",
+        backbone: ContrastiveMethod = "simclr",
         num_classes: int = 10,
         in_channels: int = 3,
         image_size: int = 32,
@@ -109,10 +118,14 @@ class TransferableNoise(StoredNoiseGenerator):
         csd_view_padding: int | None = None,
         random_start: bool = True,
         noise_batch_size: int | None = None,
-        temperature: float = 0.5,
-        proj_dim: int = 128,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-6,
+        temperature: float | None = None,
+        proj_dim: int | None = None,
+        key_gradient: bool = False,
+        queue_size: int = 4096,
+        momentum: float = 0.99,
+        symmetric: bool = True,
+        lr: float | None = None,
+        weight_decay: float | None = None,
         crop_scale: Sequence[float] = (0.08, 1.0),
         flip_p: float = 0.5,
         skip_idle_surrogate: bool = True,
@@ -136,7 +149,8 @@ class TransferableNoise(StoredNoiseGenerator):
         self.csd_view_padding = image_size // 8 if csd_view_padding is None else int(csd_view_padding)
         self.step_size_px = budget_to_pixels(step_size, "step_size", allow_zero=False)
         self.automatic_optimization = False
-        self.net = SimCLRNet(arch, in_channels, image_size, width, proj_dim)
+        self.net = build_learner(backbone, arch, in_channels, image_size, width, proj_dim, temperature, queue_size,
+                                 momentum, symmetric, seed)
         self.noise_passes = 0
         self._last_pass_step = -1
         self._noise_set: Dataset | None = None
@@ -185,13 +199,13 @@ class TransferableNoise(StoredNoiseGenerator):
         noise = self.noise[index.cpu()]
         return noise if size is None else TF.center_crop(noise, [size, size])
 
-    # ------------------------------------------------------------------ surrogate (SimCLR)
+    # ------------------------------------------------------------------ surrogate (the contrastive learner)
     def _view(self, x: Tensor) -> Tensor:
         h = self.hparams
         return simclr_views(x, h.image_size, crop_scale=h.crop_scale, flip_p=h.flip_p)
 
     def _ssl_loss(self, x: Tensor) -> Tensor:
-        return nt_xent(self.net(self._view(x)), self.net(self._view(x)), self.hparams.temperature)
+        return self.net.loss(self._view(x), self._view(x), key_gradient=self.hparams.key_gradient)
 
     @property
     def _trains_surrogate(self) -> bool:
@@ -202,11 +216,15 @@ class TransferableNoise(StoredNoiseGenerator):
         opt = self.optimizers()
         if self._trains_surrogate and len(x) > 1:  # BatchNorm1d and NT-Xent need two samples
             protected = (x + self._noise_for(index, x.shape[-1]).to(x)).clamp(0, 1)
+            self.net.before_step()
             loss = self._ssl_loss(protected)
             opt.zero_grad()
             self.manual_backward(loss)
             self.log("train/ssl_loss", loss, prog_bar=True, batch_size=len(x))
-        opt.step()  # without gradients a no-op on the weights; advances global_step
+            opt.step()
+            self.net.after_step(self.all_gather)
+        else:
+            opt.step()  # without gradients a no-op on the weights; advances global_step
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.global_step
@@ -290,4 +308,6 @@ class TransferableNoise(StoredNoiseGenerator):
         return project_linf(self._noise_for(index).to(x), x, self.radius_px)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        h = self.hparams
+        return learner_optimizer(h.backbone, [p for p in self.net.parameters() if p.requires_grad], h.lr,
+                                 h.weight_decay)
