@@ -79,7 +79,8 @@ def run_pipeline(
             on the embedded digits; collapse is ``[rem.yaml, collapse.yaml]``, REM's loop plus the score step).
         victim: VictimClassifier config, whole (its data section is the one the victims train on).
         adv_radii: adversarial-training radii of the victims, in 1/255 units (0: standard training).
-        workdir: where checkpoints, noise files and ``results.json`` go.
+        workdir: where checkpoints (``score.ckpt``; ``generator/<name>.ckpt``, weights, which ``ue protect
+            --checkpoint`` takes), noise files (``noise/<name>.safetensors``) and ``results.json`` go.
         jobs: stages run at once, each in its own process on one CPU thread, once its inputs exist (default:
             torch's thread count, i.e. the CPU cores or ``OMP_NUM_THREADS``). The table is the same for any
             ``jobs``: only the time changes. With a GPU, as many as its memory holds (the digits' stages are small).
@@ -132,9 +133,10 @@ def _fit_score(configs: list[str], root: Path, checkpoint: Path) -> None:
     cli.trainer.save_checkpoint(checkpoint, weights_only=True)  # what the generators read: weights
 
 
-def _fit_generator(configs: list[str], root: Path, extra: list[str], output: Path) -> None:
+def _fit_generator(configs: list[str], root: Path, extra: list[str], output: Path, checkpoint: Path) -> None:
     cli = stage_cli(configs, root, *extra, progress=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli.trainer.save_checkpoint(checkpoint, weights_only=True)  # for `ue protect --checkpoint` (its surrogate)
     cli.trainer.callbacks.append(PerturbationWriter(str(output)))
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
 
@@ -168,10 +170,12 @@ def _stages(score: list[str] | None, generators: dict[str, list[str]], victim: l
     noise_files: dict[str, Path | None] = {"clean": None}
     for name, config in generators.items():
         uses_score = needs_score and _uses_score_model(config)
-        extra = ["--model.init_args.score_checkpoint", str(score_ckpt)] if uses_score else []
+        # absolute: `ue protect --checkpoint <workdir>/generator/<name>.ckpt` finds the score model from anywhere
+        extra = ["--model.init_args.score_checkpoint", str(score_ckpt.resolve())] if uses_score else []
         noise_files[name] = work / "noise" / f"{name}.safetensors"
         stages[f"generator {name}"] = _Stage(f"generator {name} ({_names(config)})", _fit_generator,
-                                             (config, work / "generator" / name, extra, noise_files[name]),
+                                             (config, work / "generator" / name, extra, noise_files[name],
+                                              work / "generator" / f"{name}.ckpt"),
                                              ("score",) if uses_score else ())
     for data_name, noise in noise_files.items():
         for radius in adv_radii:

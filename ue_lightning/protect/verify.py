@@ -183,8 +183,8 @@ def markdown(verify: dict[str, Any]) -> list[str]:
     v = verify["victim"]
     lines = ["## Does a model learn these photos? (--verify)", "",
              f"{verify['test_photos']} photos ({verify['held_out_share']:.0%} of each class, seed {verify['seed']}) "
-             f"held out clean; a {v['arch']} (width {v['width']}, {v['epochs']} epochs at {v['size']} px) trained on "
-             f"the other {verify['train_photos']}, protected or clean. Accuracy on the photos it trained on / on the "
+             f"held out clean; a quick victim ({v['arch']}, width {v['width']}, {v['epochs']} epochs at {v['size']} px) "
+             f"trained on the other {verify['train_photos']}, protected or clean. Accuracy on the photos it trained on / on the "
              "held-out clean photos:", "",
              "| published | clean photos | protected photos | verdict |", "|---|---|---|---|"]
     for name, row in verify["platforms"].items():
