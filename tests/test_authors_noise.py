@@ -1,4 +1,5 @@
-"""`ue import` / `ue export --format em|rem`: the authors' noise files, written here in their layouts.
+"""`ue import` / `ue export --format em|rem|apbench`: the authors' noise files and APBench's poisoned-dataset
+folders, written here in their layouts.
 
 EM (HanxunH/Unlearnable-Examples): ``torch.save`` of a float tensor (R, C, H, W) in 1/255 of the pixel range, applied
 by their CIFAR loader as ``uint8(clip(float32(x) + clamp(255 t, 0, 255), 0, 255))``. REM (fshp971/...): a pickled
@@ -144,3 +145,47 @@ def test_an_existing_output_is_never_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="choose a new --output file"):
         export_protected(str(ours.path), str(tmp_path / "taken.pkl"), "digits", format="rem")
     assert (tmp_path / "taken.pkl").read_bytes() == b"keep me"
+
+
+def write_apbench_folder(folder, poisoned: torch.Tensor) -> None:
+    """APBench's export_poison: ``data/<index>.png`` of ``round(255 x)`` for each poisoned image (float in [0, 1])."""
+    from PIL import Image
+
+    (folder / "data").mkdir(parents=True)
+    for i, image in enumerate(poisoned):
+        pixels = image.mul(255).add(0.5).clamp(0, 255).to(torch.uint8)[0].numpy()  # the digits: one channel
+        Image.fromarray(pixels).save(folder / "data" / f"{i}.png")
+
+
+def test_apbench_import_reads_the_poisoned_pngs_exactly_and_export_writes_them_back(tmp_path):
+    torch.manual_seed(0)
+    poisoned = (X.float() / 255 + (torch.rand(X.shape) * 2 - 1) * 8 / 255).clamp(0, 1)  # EM-like: float, clipped
+    write_apbench_folder(tmp_path / "em_poisons" / "digits", poisoned)
+    out = import_noise(str(tmp_path / "em_poisons" / "digits"), str(tmp_path / "ap.safetensors"), "digits",
+                       format="apbench")
+    noise = NoiseFile.open(out)
+    noise.check_matches(CLEAN.fingerprint())
+    written = poisoned.mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+    assert torch.equal(apply_delta(X, torch.from_numpy(np.array(noise.delta))), written)
+    assert noise.metadata.epsilon == 8 and not noise.classwise
+
+    back = export_protected(str(out), str(tmp_path / "export"), "digits", format="apbench")
+    files = sorted((back / "data").iterdir(), key=lambda p: int(p.stem))
+    assert [p.name for p in files] == [f"{i}.png" for i in range(len(CLEAN))]  # APBench's names, nothing else
+    again = import_noise(str(back), str(tmp_path / "again.safetensors"), "digits", format="apbench")
+    assert np.array_equal(np.array(NoiseFile.open(again).delta), np.array(noise.delta))  # bit-exact round trip
+
+
+def test_apbench_folders_that_cannot_be_the_noise_are_refused_in_one_line(tmp_path):
+    poisoned = X.float() / 255
+    write_apbench_folder(tmp_path / "short", poisoned[:-1])
+    with pytest.raises(ValueError, match=r"1346 PNGs, 1 missing \(first 1346.png\).*give the folder"):
+        import_noise(str(tmp_path / "short"), str(tmp_path / "a.safetensors"), "digits", format="apbench")
+    ops = poisoned.clone()
+    ops[5, 0, 3, 3] = 1.0 - ops[5, 0, 3, 3].round()  # OPS: one pixel moved across the range
+    write_apbench_folder(tmp_path / "ops", ops)
+    with pytest.raises(ValueError, match=r"up to 1[0-9][0-9]/255 .* at most 64/255 \(nothing was written\)"):
+        import_noise(str(tmp_path / "ops"), str(tmp_path / "b.safetensors"), "digits", format="apbench")
+    assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "b.safetensors").exists()
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        import_noise(str(tmp_path / "nowhere"), str(tmp_path / "c.safetensors"), "digits", format="apbench")

@@ -30,9 +30,10 @@ commands:
   validate   evaluate a model on the validation split
   test       evaluate a model (e.g. a victim from its checkpoint) on the clean test split
   predict    write a fitted generator's noise over the train split to a noise file
-  export     apply a noise file to a dataset and write the protected images (png or CIFAR batches),
-             or write the noise for the authors' code (--format em: EM's .pt, rem: REM's .pkl)
-  import     read the authors' released noise (EM's perturbation.pt, REM's .pkl) into a noise file
+  export     apply a noise file to a dataset and write the protected images (png, CIFAR batches or APBench's
+             folder), or write the noise for the authors' code (--format em: EM's .pt, rem: REM's .pkl)
+  import     read the authors' released noise (EM's perturbation.pt, REM's .pkl) or an APBench poisoned
+             dataset (a folder of <index>.png) into a noise file
   pipeline   score estimator -> generators -> noise files -> victims -> accuracy table, in one go
   protect    protect a folder of your own images: lossless PNGs at their own size, and a report
   grid       run a YAML grid of cells (the papers' tables) resumably, here or on SLURM, and render it

@@ -10,6 +10,11 @@ Read off the authors' loaders (their code is never imported or run here):
 * ``rem``: Fu et al.'s ``*-def-noise.pkl`` (fshp971/robust-unlearnable-examples): a pickled numpy int8 array
   (N, C, H, W) in 1/255 units; their loader adds it to the uint8 image as int16 and clips to [0, 255]. TUE's code
   (Ren et al.) builds on EM's and reads EM's layout.
+* ``apbench``: APBench's poisoned datasets (lafeat/apbench, ``poisons_generate.py``, ``export_poison``): not noise
+  but the poisoned train images, one PNG a sample, ``<folder>/data/<index>.png`` in the dataset's order (CIFAR-10/100,
+  SVHN; its ImageNet-100 layout, ``<class>/<j>.png`` over a random subset, is not read), written as
+  ``round(255 x)``. The noise is each PNG less the clean image: exact for any poison within the budget a noise file
+  holds (OPS, which moves a pixel by up to 255, is refused).
 
 Importing applies the authors' rule to the clean images, so the noise file gives the images their loader would
 train on, bit for bit for sample-wise noise (class-wise: each class's pattern rounded down to whole grey levels, as
@@ -35,6 +40,8 @@ from ue_lightning.scratch import as_published, scratch_file
 
 Format = Literal["em", "rem"]
 FORMATS = ("em", "rem")
+#: Formats ``ue import`` reads: the noise files above and APBench's folders of poisoned images.
+IMPORT_FORMATS = (*FORMATS, "apbench")
 _CHUNK = 4096
 
 
@@ -100,21 +107,55 @@ def authors_delta(raw: np.ndarray, format: Format, clean: CleanImages, classwise
     return delta
 
 
+def poisoned_folder_delta(source: str | Path, clean: CleanImages) -> np.ndarray:
+    """int16 delta (N, C, H, W) in 1/255 units: APBench's poisoned PNGs (``<source>/data/<index>.png``, or
+    ``<source>/<index>.png``) less the clean train images, in index order. Refuses a missing, extra or foreign PNG in
+    one line naming the fix."""
+    from PIL import Image
+
+    source = Path(source)
+    folder = source / "data" if (source / "data").is_dir() else source
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{source} is not a folder: give APBench's poisoned dataset folder (its data/ holds "
+                                "<index>.png)")
+    names = {p.name for p in folder.glob("*.png")}
+    expected = {f"{i}.png" for i in range(len(clean))}
+    if names != expected:
+        missing, extra = sorted(expected - names, key=len), sorted(names - expected)
+        what = f"{len(missing)} missing (first {missing[0]})" if missing else f"{len(extra)} foreign (first {extra[0]})"
+        raise ValueError(f"{folder} holds {len(names)} PNGs, {what}; APBench writes one <index>.png for each of the "
+                         f"{len(clean)} {clean.name} train images: give the folder made for this dataset")
+    channels, height, width = clean.image_shape
+    delta = np.empty((len(clean), *clean.image_shape), dtype=np.int16)
+    for start in range(0, len(clean), _CHUNK):
+        index = np.arange(start, min(start + _CHUNK, len(clean)))
+        x = clean.image_batch(index).numpy().astype(np.int16)
+        for row, i in enumerate(index):
+            with Image.open(folder / f"{i}.png") as image:
+                array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+            if array.shape[:2] != (height, width):
+                raise ValueError(f"{folder / f'{i}.png'} is {array.shape[1]}x{array.shape[0]}; {clean.name} images "
+                                 f"are {width}x{height}: give the folder made for this dataset")
+            delta[start + row] = array.reshape(height, width, channels).transpose(2, 0, 1).astype(np.int16) - x[row]
+    return delta
+
+
 def import_noise(
     source: str,
     output: str,
     dataset: str,
-    format: Format = "em",
+    format: Literal["em", "rem", "apbench"] = "em",
     root: str = "data",
     negative: Literal["drop", "keep"] = "drop",
     method: str | None = None,
     max_classes: int | None = None,
     resize: int | None = None,
 ) -> Path:
-    """Read an authors' noise file (``--format em``: EM's perturbation.pt; ``rem``: REM's .pkl) into a noise file.
+    """Read an authors' noise file (``--format em``: EM's perturbation.pt; ``rem``: REM's .pkl) or APBench's poisoned
+    dataset (``apbench``: a folder of ``<index>.png``) into a noise file.
 
     Args:
-        source: the authors' file.
+        source: the authors' file, or APBench's folder.
         output: the noise file to write (must not exist yet).
         dataset, root, max_classes, resize: the clean train split it was made for, as in UEDataModule.
         negative: ``em`` only: ``drop`` the negative half as EM's CIFAR loader does (its clamp to [0, 255]),
@@ -126,10 +167,17 @@ def import_noise(
         raise FileExistsError(f"{out} exists; choose a new --output file (nothing was overwritten)")
     if negative not in ("drop", "keep"):
         raise ValueError(f"negative={negative!r}: choose drop (EM's CIFAR loader) or keep")
-    raw = read_authors_noise(source, format)
-    clean = load_dataset(dataset, root, True, num_classes=max_classes, resize=resize)
-    classwise = _is_classwise(raw, clean, Path(source))
-    delta = authors_delta(raw, format, clean, classwise, negative)
+    if format not in IMPORT_FORMATS:
+        raise ValueError(f"format={format!r}: choose em (perturbation.pt), rem (*-def-noise.pkl) or apbench (a folder "
+                         "of poisoned PNGs)")
+    if format == "apbench":
+        clean = load_dataset(dataset, root, True, num_classes=max_classes, resize=resize)
+        delta, classwise = poisoned_folder_delta(source, clean), False
+    else:
+        raw = read_authors_noise(source, format)
+        clean = load_dataset(dataset, root, True, num_classes=max_classes, resize=resize)
+        classwise = _is_classwise(raw, clean, Path(source))
+        delta = authors_delta(raw, format, clean, classwise, negative)
     epsilon = max(1, int(np.abs(delta).max()))
     if epsilon > MAX_EPSILON:
         raise ValueError(f"{source} holds noise of up to {epsilon}/255 as their loader applies it; a noise file holds "

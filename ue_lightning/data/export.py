@@ -1,12 +1,13 @@
 """Export a noise file as a protected dataset that can be published as is.
 
-Two layouts: a PNG ImageFolder tree (``train/<class>/<index>.png`` protected,
+Three layouts: a PNG ImageFolder tree (``train/<class>/<index>.png`` protected,
 ``val/<class>/<index>.png`` clean), readable by torchvision's ImageFolder and by
 ``UEDataModule(dataset="folder")``; and CIFAR's python-batch layout
 (``cifar-10-batches-py/data_batch_1..5``, ``test_batch``, ``batches.meta``; CIFAR-100:
 ``cifar-100-python/train``, ``test``, ``meta``), read back by ``UEDataModule`` (which knows an
 export by its marker file and unpickles arrays only: :mod:`ue_lightning.data.cifar_batches`);
-torchvision's CIFAR classes refuse it as it is (their MD5 list is of the published files).
+torchvision's CIFAR classes refuse it as it is (their MD5 list is of the published files); and APBench's
+poisoned-dataset folder (``data/<index>.png``, the protected train split only), which APBench's training reads.
 Both are written into a temporary folder and renamed into place, so a failed export
 leaves nothing half-written at ``output``.
 """
@@ -123,12 +124,22 @@ def _write_cifar_batches(out: Path, clean_train: CleanImages, clean_test: CleanI
     write_marker(folder, noise.metadata.method)
 
 
+def _write_apbench_folder(out: Path, clean_train: CleanImages, noise: NoiseFile, advance: Callable[[int], None]) -> None:
+    """APBench's poisoned-dataset layout (lafeat/apbench ``export_poison``): ``data/<index>.png`` a train sample."""
+    folder = out / "data"
+    folder.mkdir(parents=True)
+    for idx, images, _ in protected_images(clean_train, noise):
+        for i, image in zip(idx, images):
+            _save_png(image, folder / f"{i}.png")
+        advance(len(idx))
+
+
 def export_protected(
     noise: str,
     output: str,
     dataset: str,
     root: str = "data",
-    format: Literal["png", "cifar", "em", "rem"] = "png",
+    format: Literal["png", "cifar", "em", "rem", "apbench"] = "png",
     max_classes: int | None = None,
     resize: int | None = None,
 ) -> Path:
@@ -139,7 +150,8 @@ def export_protected(
         noise: the noise file (``ue predict`` output); it must match the dataset.
         output: folder to create (must not exist yet); for ``em`` and ``rem`` the file to write.
         dataset, root, max_classes, resize: the clean data, as in UEDataModule.
-        format: ``png`` (ImageFolder tree), ``cifar`` (CIFAR python batches; 3x32x32 only), or the noise for the
+        format: ``png`` (ImageFolder tree), ``cifar`` (CIFAR python batches; 3x32x32 only), ``apbench`` (APBench's
+            poisoned-dataset folder: ``data/<index>.png``, the protected train images only), or the noise for the
             authors' code: ``em`` (EM's perturbation.pt), ``rem`` (REM's .pkl) (:mod:`.authors_noise`).
     """
     out = Path(output)
@@ -155,13 +167,16 @@ def export_protected(
     clean_test = load_dataset(dataset, root, False, num_classes=max_classes, resize=resize)
     if format == "png":
         folder_names(clean_train.class_names)  # before anything is written
-    if format not in ("png", "cifar"):
-        raise ValueError(f"format={format!r}: choose png, cifar, em or rem")
+    if format not in ("png", "cifar", "apbench"):
+        raise ValueError(f"format={format!r}: choose png, cifar, apbench, em or rem")
     tmp = scratch_dir(out)
     try:
-        with progress(desc=f"export ({format})", total=len(clean_train) + len(clean_test), unit="image") as bar:
+        total = len(clean_train) + (0 if format == "apbench" else len(clean_test))
+        with progress(desc=f"export ({format})", total=total, unit="image") as bar:
             if format == "png":
                 _write_png_tree(tmp, clean_train, clean_test, noise_file, bar.update)
+            elif format == "apbench":
+                _write_apbench_folder(tmp, clean_train, noise_file, bar.update)
             else:
                 _write_cifar_batches(tmp, clean_train, clean_test, noise_file, dataset == "cifar100", bar.update)
         as_published(tmp)
