@@ -591,6 +591,8 @@ def test_eot_jpeg_noise_is_in_budget_and_differs_from_plain_em(protected_run, tm
     capsys.readouterr()
     err = _ue_error(capsys, "--input", str(photos), "--output", str(tmp_path / "o"), "--eot_views", "every")
     assert "--eot_views" in err and "every" in err and len(err.strip().splitlines()) == 1, err
+    err = _ue_error(capsys, "--input", str(photos), "--output", str(tmp_path / "o"), "--eot_views", "alternate")
+    assert "with --eot_jpeg" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists(), err
     err = _ue_error(capsys, "--input", str(photos), "--output", str(tmp_path / "o"), "--method", "em-classwise",
                     "--eot_jpeg", "75")
     assert "--eot_jpeg 75: give a JPEG quality in 1..95 (0: off), with --method em" in err

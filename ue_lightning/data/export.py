@@ -164,14 +164,15 @@ def export_protected(
     noise_file.check_budget()
     if format in FORMATS:
         return export_authors_noise(noise_file, out, format)
-    clean_test = load_dataset(dataset, root, False, num_classes=max_classes, resize=resize)
+    clean_test = None if format == "apbench" else load_dataset(dataset, root, False, num_classes=max_classes,
+                                                               resize=resize)
     if format == "png":
         folder_names(clean_train.class_names)  # before anything is written
     if format not in ("png", "cifar", "apbench"):
         raise ValueError(f"format={format!r}: choose png, cifar, apbench, em or rem")
     tmp = scratch_dir(out)
     try:
-        total = len(clean_train) + (0 if format == "apbench" else len(clean_test))
+        total = len(clean_train) + (len(clean_test) if clean_test is not None else 0)
         with progress(desc=f"export ({format})", total=total, unit="image") as bar:
             if format == "png":
                 _write_png_tree(tmp, clean_train, clean_test, noise_file, bar.update)
@@ -186,6 +187,6 @@ def export_protected(
         raise
     uncovered = 0 if noise_file.covered is None else int((np.asarray(noise_file.covered) == 0).sum())
     note = f" ({uncovered} samples not covered by the noise file were exported clean)" if uncovered else ""
-    print(f"exported {len(clean_train)} protected train images and {len(clean_test)} clean test images "
-          f"to {out} ({format}){note}")
+    test = f" and {len(clean_test)} clean test images" if clean_test is not None else ""
+    print(f"exported {len(clean_train)} protected train images{test} to {out} ({format}){note}")
     return out

@@ -170,8 +170,9 @@ def protect_folder(
     run = _device(device)
     settings = {"method": method, "epsilon": float(epsilon), "steps": int(steps), "step_size": float(step_size),
                 "working_size": int(working_size) or None, "seed": int(seed), "surrogate_sha256": "quick"}
-    if eot_views not in ("both", "alternate"):
-        raise ValueError(f"--eot_views {eot_views!r}: choose both or alternate")
+    if eot_views not in ("both", "alternate") or (eot_views != "both" and not eot_jpeg):
+        raise ValueError(f"--eot_views {eot_views!r}: choose both or alternate, with --eot_jpeg (it says how the "
+                         "JPEG round trip is taken)")
     if eot_jpeg:  # recorded only when on: an earlier run's settings.json stays valid for a resume
         settings["eot_jpeg"] = int(eot_jpeg)
         if eot_views != "both":
