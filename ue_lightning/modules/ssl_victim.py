@@ -112,7 +112,9 @@ class ContrastiveVictim(L.LightningModule):
         image_size: side of the model's input in pixels (linked from the DataModule by the CLI).
         proj_dim: output size of the projection head (None: SimCLR and MoCo 128, SimSiam 2048).
         temperature: contrastive temperature (None: SimCLR 0.5, MoCo 0.1, as TUE's code).
-        queue_size, momentum, symmetric: MoCo's queue (4096), key-encoder momentum (0.99), symmetric loss (True).
+        queue_size: MoCo's queue of negative keys (4096).
+        momentum: MoCo's key-encoder momentum (0.99).
+        symmetric: MoCo's symmetric loss, both views as queries (True).
         lr: learning rate (None: SimCLR Adam 1e-3, MoCo SGD 0.3, SimSiam SGD 0.06, as TUE's code).
         weight_decay: weight decay (None: SimCLR 1e-6, MoCo 1e-4, SimSiam 5e-4).
         crop_scale: SimCLR view random-resized-crop scale range.

@@ -75,8 +75,9 @@ class TransferableNoise(StoredNoiseGenerator):
         temperature: contrastive temperature (None: SimCLR 0.5, MoCo 0.1; SimSiam has none).
         key_gradient: with ``moco`` or ``simsiam``, the noise's gradient also flows through the keys' (targets')
             branch, the reference's ``--k_grad`` (off by default, as there).
-        queue_size, momentum, symmetric: MoCo's queue of negative keys (4096), key-encoder momentum (0.99) and
-            symmetric loss (True; TUE's MoCo demo: False).
+        queue_size: MoCo's queue of negative keys (4096).
+        momentum: MoCo's key-encoder momentum (0.99).
+        symmetric: MoCo's symmetric loss, both views as queries (True; TUE's MoCo demo: False).
         lr: learning rate of the surrogate (None: SimCLR Adam 1e-3, MoCo SGD 0.3, SimSiam SGD 0.06).
         weight_decay: weight decay of the surrogate (None: SimCLR 1e-6, MoCo 1e-4, SimSiam 5e-4).
         crop_scale: SimCLR view random-resized-crop scale range (colour jitter
