@@ -58,15 +58,14 @@ def main() -> None:
     parser.add_argument("--photos", required=True, help="a folder of 64-px photos in class folders")
     parser.add_argument("--checkpoint", required=True, help="the method's generator (ue protect's surrogate.ckpt)")
     parser.add_argument("--method", default="em", help="em, em-classwise, rem or collapse")
-    parser.add_argument("--eot_jpeg", type=int, default=None,
-                        help="em: a JPEG quality the noise is made through (ue protect's default: 75; 0: off)")
-    parser.add_argument("--eot_views", default="alternate", help="with --eot_jpeg: alternate (default) or both")
+    parser.add_argument("--eot_jpeg", type=int, default=0, help="em: a JPEG quality the noise is made through")
+    parser.add_argument("--eot_views", default="both", help="with --eot_jpeg: both (each step) or alternate")
     parser.add_argument("--count", type=int, default=320)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--working_sizes", type=int, nargs="+", default=[256, 512])
     args = parser.parse_args()
-    method = {"method": args.method, "eot_views": args.eot_views,
-              **({"eot_jpeg": args.eot_jpeg} if args.eot_jpeg is not None else {})}
+    method = {"method": args.method,
+              **({"eot_jpeg": args.eot_jpeg, "eot_views": args.eot_views} if args.eot_jpeg else {})}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         small = small_folder(Path(args.photos), args.count, work)

@@ -69,10 +69,6 @@ def _device(name: str) -> torch.device:
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
-#: ``--method em``'s JPEG quality when ``--eot_jpeg`` is not given: a photo site's usual re-encoding (70-85).
-DEFAULT_EOT_JPEG = 75
-
-
 def protect_folder(
     input: str,
     output: str,
@@ -83,8 +79,8 @@ def protect_folder(
     steps: int = 20,
     step_size: float | None = None,
     working_size: int = 256,
-    eot_jpeg: int | None = None,
-    eot_views: Literal["both", "alternate"] = "alternate",
+    eot_jpeg: int = 0,
+    eot_views: Literal["both", "alternate"] = "both",
     batch_size: int = 32,
     seed: int = 0,
     grid_images: int = 6,
@@ -123,10 +119,10 @@ def protect_folder(
         step_size: PGD step in 1/255 units (None: 2.5 * epsilon / steps, at least 0.25).
         working_size: ``em``: an image whose longer side is larger gets its noise made at this longer side
             (pixels; shrunk, aspect kept) and stretched back over it; 0: always at full size.
-        eot_jpeg: ``em``: a JPEG quality (1-95) the noise is also made to work through, as a photo site re-encodes
-            (None: 75 for ``em``, off for the other methods; 0: off).
-        eot_views: with ``--eot_jpeg``: ``alternate`` (default): the photo as written and its JPEG round trip on
-            alternate PGD steps, at plain ``em``'s cost; ``both``: both each step, twice the time.
+        eot_jpeg: ``em``: a JPEG quality (1-95) the noise is also made to work through (the photo as written and
+            its JPEG round trip, each step; twice the time); 0: off.
+        eot_views: with ``--eot_jpeg``: ``both`` views each step (twice the time), or ``alternate``: the photo as
+            written and its JPEG round trip on alternate steps (the time of plain ``em``).
         batch_size: images of one size put through PGD together (fewer when they are large: at most
             2**20 working pixels a batch). Speed only: the noise is each image's own.
         seed: seed of the quick generator, its training images and clusters.
@@ -156,8 +152,6 @@ def protect_folder(
     if working_size != 0 and working_size < MIN_WORKING_SIZE:
         raise ValueError(f"--working_size {working_size} is too small: use 0 (full size) or at least "
                          f"{MIN_WORKING_SIZE} pixels (the surrogate's own input is 32)")
-    if eot_jpeg is None:  # measured: docs/protect.md, "EM through JPEG"
-        eot_jpeg = DEFAULT_EOT_JPEG if method == "em" else 0
     if eot_jpeg and (method != "em" or not 1 <= eot_jpeg <= 95):
         raise ValueError(f"--eot_jpeg {eot_jpeg}: give a JPEG quality in 1..95 (0: off), with --method em (the "
                          "other methods do not take it)")
@@ -176,11 +170,13 @@ def protect_folder(
     run = _device(device)
     settings = {"method": method, "epsilon": float(epsilon), "steps": int(steps), "step_size": float(step_size),
                 "working_size": int(working_size) or None, "seed": int(seed), "surrogate_sha256": "quick"}
-    if eot_views not in ("both", "alternate") or (eot_views == "both" and not eot_jpeg):
-        raise ValueError(f"--eot_views {eot_views!r}: choose alternate or both, with a JPEG quality (--eot_jpeg; "
-                         "it says how the JPEG round trip is taken)")
-    if eot_jpeg:  # recorded only when on: a run without it keeps the settings.json of earlier versions
-        settings["eot_jpeg"], settings["eot_views"] = int(eot_jpeg), eot_views
+    if eot_views not in ("both", "alternate") or (eot_views != "both" and not eot_jpeg):
+        raise ValueError(f"--eot_views {eot_views!r}: choose both or alternate, with --eot_jpeg (it says how the "
+                         "JPEG round trip is taken)")
+    if eot_jpeg:  # recorded only when on: an earlier run's settings.json stays valid for a resume
+        settings["eot_jpeg"] = int(eot_jpeg)
+        if eot_views != "both":
+            settings["eot_views"] = eot_views
     if checkpoint is not None:
         noise = NOISE_MAKERS[method](checkpoint, classes, dict(settings, score_checkpoint=score_checkpoint),
                                      run)  # a wrong checkpoint: refused before writing
