@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms.v2 import functional as TF
 
 from ue_lightning.ops.attacks import budget_to_pixels, cross_entropy_sum, logit_margin_sum, pgd_minimize, project_linf
@@ -193,7 +194,8 @@ class ErrorMinimizingNoise(StoredNoiseGenerator):
         self.surrogate_accuracy = float("nan")  # train-mode accuracy on the last round's perturbed batches
         self.pass_accuracy = float("nan")  # frozen surrogate's accuracy at the noise of the last pass
         self.stopped = False  # the stop rule or the round cap has ended generation
-        self._round_hits = torch.zeros(2, dtype=torch.long)  # (correct, seen) of this round's SGD steps, this rank
+        # train-mode accuracy of this round's SGD steps (micro: correct / seen), synced over ranks by compute()
+        self.round_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self._pass_dataset: Dataset | None = None  # the clean, unaugmented train set of the noise passes
 
     # ------------------------------------------------------------------ state
@@ -286,17 +288,15 @@ class ErrorMinimizingNoise(StoredNoiseGenerator):
             self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
         self.surrogate_steps += 1
-        self._round_hits += torch.tensor([int((logits.detach().argmax(1) == y).sum()), len(y)])
+        self.round_accuracy.update(logits.detach(), y)
         self.log("em/surrogate_loss", loss.detach(), prog_bar=True, batch_size=len(y))
         return None
 
     def _end_of_round_accuracy(self) -> float:
-        """Train-mode accuracy of this round's SGD steps, summed over ranks; resets the count."""
-        hits = self._round_hits.to(self.device)
-        if self.trainer.world_size > 1:
-            hits = self.all_gather(hits).sum(0)
-        self._round_hits = torch.zeros(2, dtype=torch.long)
-        return float(hits[0]) / float(hits[1]) if hits[1] > 0 else float("nan")
+        """Train-mode accuracy of this round's SGD steps over every rank (NaN without one); resets the metric."""
+        accuracy = float(self.round_accuracy.compute()) if self.round_accuracy.update_called else float("nan")
+        self.round_accuracy.reset()
+        return accuracy
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """After every ``train_steps`` surrogate steps (counted across epochs): the stop check, else a noise pass."""
