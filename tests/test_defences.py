@@ -14,8 +14,7 @@ from torchvision.transforms import v2
 from conftest import REPO
 from ue_lightning.data import UEDataModule
 from ue_lightning.data import NoiseFile, NoiseMetadata, protected_mask
-from ue_lightning.data.defences import (DEFENCES, BatchMix, BitDepth, Cutout, Jpeg, PlasmaBrightness, PlasmaContrast,
-                                   build_defence, grayscale, plasma)
+from ue_lightning.data.defences import DEFENCES, BatchAugment, BatchMix, BitDepth, Cutout, Jpeg, build_defence, grayscale
 from ue_lightning.lightning_cli import build_cli
 from ue_lightning.modules import ScoreEstimator, VictimClassifier
 from ue_lightning.data.purification import PurifiedImages, label_blind, tweedie_denoise
@@ -147,19 +146,23 @@ def test_unmixed_cutmix_batch_has_one_hot_targets():
     assert torch.equal(soft, torch.eye(10)[:8]) and torch.equal(x[3], torch.full((3, 8, 8), 0.4))
 
 
-def test_ueraser_plasma_maps_and_range():
+def test_ueraser_is_the_references_kornia_chain_drawn_for_each_image_of_the_batch():
+    """lafeat/ueraser's UEraser: kornia's plasma brightness, plasma contrast, channel shuffle (each p 0.5) and
+    TrivialAugment, applied to the collated batch with a draw per image."""
+    defence = build_defence("ueraser", dataset="cifar10", image_size=16, num_classes=10)
+    assert isinstance(defence.batch, BatchAugment) and not defence.mixes_labels and defence.augment == []
+    chain = list(defence.batch.augment.children())
+    assert [type(op).__name__ for op in chain] == ["RandomPlasmaBrightness", "RandomPlasmaContrast",
+                                                   "RandomChannelShuffle", "TrivialAugment"]
+    assert [op.p for op in chain[:3]] == [0.5, 0.5, 0.5]
     torch.manual_seed(0)
-    maps = plasma((3, 32, 32), 0.5)
-    assert maps.shape == (3, 32, 32) and 0 <= maps.min() and maps.max() <= 1
-    assert not torch.equal(maps[0], maps[1])  # a map per channel
-    smooth, rough = plasma((1, 32, 32), 0.1), plasma((1, 32, 32), 0.9)
-    assert smooth.diff(dim=-1).abs().mean() < rough.diff(dim=-1).abs().mean()
-    image = torch.full((3, 32, 32), 0.5)
-    assert torch.equal(PlasmaContrast(p=1.0)(image), image)  # contrast about 0.5 leaves mid-grey alone
-    assert not torch.equal(PlasmaBrightness(p=1.0)(image), image)
-    out = v2.Compose(build_defence("ueraser", dataset="cifar10", image_size=32, num_classes=10).augment)(
-        torch.rand(3, 32, 32))
-    assert out.shape == (3, 32, 32) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+    image = torch.rand(3, 16, 16)
+    for channels in (3, 1):  # RGB and grey datasets
+        x, y, index = defence.batch([(image[:channels], 7, i) for i in range(8)])
+        assert x.shape == (8, channels, 16, 16) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+        assert torch.equal(y, torch.full((8,), 7)) and torch.equal(index, torch.arange(8))
+        assert len({tuple(v.flatten().tolist()) for v in x}) == 8  # one image, eight draws
+        assert sum(torch.equal(v, image[:channels]) for v in x) < 8
 
 
 def test_ueraser_max_serves_five_views_and_trains_on_each_images_worst(fake_npz):

@@ -123,7 +123,8 @@ def _augmentation(dataset: str, image_shape: tuple[int, int, int], crop: int, tr
     else:
         steps = [v2.RandomCrop(image_shape[1], padding=image_shape[1] // 8), v2.RandomHorizontalFlip()]
     if defence is not None:
-        augment = [Views(v2.Compose(defence.augment), defence.views)] if defence.views > 1 else defence.augment
+        draw = v2.Compose(defence.augment) if defence.augment else v2.Identity()  # UEraser draws on the batch
+        augment = [Views(draw, defence.views)] if defence.views > 1 else defence.augment
         return v2.Compose([*defence.squeeze, *steps, to_float, *augment])
     return v2.Compose([*steps, to_float])
 
@@ -382,15 +383,15 @@ class UEDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled train batches; under ``mixup``/``cutmix`` the labels are soft targets (B, num_classes),
         under ``ueraser-max`` the images views (B, V, C, H, W)."""
-        mix, views = self.train_defence.batch, self.train_defence.views
+        collate, views = self.train_defence.batch, self.train_defence.views
         module = self.trainer.lightning_module if self.trainer is not None else None
-        if mix is not None and module is not None and not getattr(module, "accepts_soft_targets", False):
+        if self.train_defence.mixes_labels and module is not None and not getattr(module, "accepts_soft_targets", False):
             raise ValueError(f"data.defence {self.defence} mixes labels into soft targets, which "
                              f"{type(module).__name__} does not train on; use it with VictimClassifier")
         if views > 1 and module is not None and not getattr(module, "accepts_views", False):
             raise ValueError(f"data.defence {self.defence} serves {views} views of each train image, which "
                              f"{type(module).__name__} does not train on; use it with VictimClassifier")
-        return self._loader(self.train_set, self.batch_size, shuffle=True, collate_fn=mix)
+        return self._loader(self.train_set, self.batch_size, shuffle=True, collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader | list:
         """The held-out train samples of ``val_fraction``, clean, unaugmented, in order; at ``val_fraction`` 0 an

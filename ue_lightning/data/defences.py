@@ -6,9 +6,10 @@ places of the train pipeline, each named by a field of :class:`Defence`:
 
 * ``squeeze``: on the stored uint8 image (C, H, W), 0-255, before the crop/flip augmentation
   (JPEG, greyscale, bit-depth reduction, ISS, Gaussian smoothing: the data is filtered once, as ISS does);
-* ``augment``: on the float image (C, H, W) in [0, 1] after crop/flip (cutout, UEraser); with
-  ``views`` > 1 it is drawn that many times and the views stacked (V, C, H, W) (UEraser-Max);
-* ``batch``: on the collated batch, where labels become soft targets (mixup, cutmix).
+* ``augment``: on the float image (C, H, W) in [0, 1] after crop/flip (cutout); with ``views`` > 1
+  it is drawn that many times and the views stacked (V, C, H, W);
+* ``batch``: on the collated batch: labels become soft targets (mixup, cutmix), or every image (every
+  view) is augmented on its own by kornia's batch operators (UEraser; UEraser-Max on 5 views of each image).
 
 Each name is a preset with its paper's parameters (:data:`DEFENCES`); the classes below take
 other values from Python.
@@ -116,76 +117,38 @@ class Cutout(torch.nn.Module):
         return out
 
 
-def plasma(shape: tuple[int, ...], roughness: float, device: torch.device | None = None) -> Tensor:
-    """A fractal (plasma-like) map (C, H, W) in [0, 1] with mean 0.5, one map per channel.
+def ueraser() -> torch.nn.Module:
+    """UEraser-Lite's augmentations (Qin et al. 2023, code ``lafeat/ueraser``) on a float batch (N, C, H, W) in [0, 1].
 
-    A weighted mean of octaves of bilinearly upsampled uniform noise, octave k on a
-    (2^k + 1)-point grid with weight ``roughness**k``: small roughness gives smooth maps,
-    large rough ones. It stands in for kornia's diamond-square plasma, whose recursion
-    scales the random part by ``roughness`` at each level the same way.
+    Kornia's operators with the reference's parameters: plasma brightness (roughness 0.3-0.7,
+    intensity 0.5-1, p 0.5), plasma contrast (roughness 0.3-0.7, p 0.5), channel shuffle (p 0.5)
+    and kornia's TrivialAugment, each drawn for every image of the batch on its own. Kornia draws
+    from torch's global generator, so a seeded run (a DataLoader worker's seed) repeats its draws.
     """
-    c, h, w = shape
-    octaves = max(1, (max(h, w) - 1).bit_length())
-    total, weight = torch.zeros(1, c, h, w, device=device), 0.0
-    for k in range(octaves + 1):
-        grid = torch.rand(1, c, 2 ** k + 1, 2 ** k + 1, device=device)
-        total += roughness ** k * F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=True)
-        weight += roughness ** k
-    return (total / weight)[0]
+    import kornia.augmentation as K  # only here: importing kornia takes about 2 s
+
+    return K.AugmentationSequential(
+        K.RandomPlasmaBrightness(roughness=(0.3, 0.7), intensity=(0.5, 1.0), p=0.5, keepdim=True),
+        K.RandomPlasmaContrast(roughness=(0.3, 0.7), p=0.5, keepdim=True),
+        K.RandomChannelShuffle(p=0.5, keepdim=True),
+        K.auto.TrivialAugment())
 
 
-class PlasmaBrightness(torch.nn.Module):
-    """Add ``intensity * (2 * plasma - 1)`` to a float image (C, H, W) in [0, 1], clipped, with probability ``p``.
+class BatchAugment:
+    """A train DataLoader's ``collate_fn``: collate ``(image, label, index)`` samples, then augment every image.
 
-    Roughness and intensity are drawn uniformly from their ranges per image (kornia's
-    ``RandomPlasmaBrightness``, with :func:`plasma` in place of its diamond-square map).
-    """
-
-    def __init__(self, roughness: tuple[float, float] = (0.3, 0.7), intensity: tuple[float, float] = (0.5, 1.0),
-                 p: float = 0.5):
-        super().__init__()
-        self.roughness, self.intensity, self.p = roughness, intensity, p
-
-    def forward(self, image: Tensor) -> Tensor:
-        if torch.rand(()) >= self.p:
-            return image
-        strength = _uniform(*self.intensity)
-        return (image + strength * (2 * plasma(image.shape, _uniform(*self.roughness), image.device) - 1)).clamp(0, 1)
-
-
-class PlasmaContrast(torch.nn.Module):
-    """Scale a float image (C, H, W) in [0, 1] about 0.5 by ``4 * plasma`` (0 to 4, mean 2), clipped.
-
-    Applied with probability ``p``; the factor varies over the image.
-    Kornia's ``RandomPlasmaContrast``, with :func:`plasma` in place of its diamond-square map.
+    Images (B, C, H, W), or views (B, V, C, H, W), float in [0, 1]; ``augment`` takes a batch
+    (N, C, H, W) and draws for each image (each view) on its own. Labels and indices pass as they are.
     """
 
-    def __init__(self, roughness: tuple[float, float] = (0.3, 0.7), p: float = 0.5):
-        super().__init__()
-        self.roughness, self.p = roughness, p
+    def __init__(self, augment: Callable[[Tensor], Tensor]):
+        self.augment = augment
 
-    def forward(self, image: Tensor) -> Tensor:
-        if torch.rand(()) >= self.p:
-            return image
-        return ((image - 0.5) * 4 * plasma(image.shape, _uniform(*self.roughness), image.device) + 0.5).clamp(0, 1)
-
-
-def _uniform(low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand(()))
-
-
-def ueraser() -> list[Callable[[Tensor], Tensor]]:
-    """UEraser-Lite's augmentations (Qin et al. 2023, code ``lafeat/ueraser``), on float images in [0, 1].
-
-    The reference chains kornia's PlasmaBrightness (roughness 0.3-0.7, intensity 0.5-1, p 0.5),
-    PlasmaContrast (roughness 0.3-0.7, p 0.5), ChannelShuffle (p 0.5) and TrivialAugment.
-    Here: :class:`PlasmaBrightness` and :class:`PlasmaContrast` with the same parameters
-    (our plasma map approximates kornia's), torchvision's ``RandomChannelPermutation`` with
-    p 0.5, and torchvision's ``TrivialAugmentWide`` (Mueller & Hutter 2021) for kornia's
-    TrivialAugment (the two sample from slightly different operation lists).
-    """
-    return [PlasmaBrightness(), PlasmaContrast(), v2.RandomApply([v2.RandomChannelPermutation()], p=0.5),
-            v2.TrivialAugmentWide()]
+    def __call__(self, samples: list[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
+        x, y, index = default_collate(samples)
+        with torch.no_grad():
+            out = self.augment(x.flatten(0, x.dim() - 4))
+        return out.reshape(x.shape), y, index
 
 
 class Views(torch.nn.Module):
@@ -228,13 +191,13 @@ class Defence:
     name: str
     squeeze: list[Callable[[Tensor], Tensor]] = field(default_factory=list)
     augment: list[Callable[[Tensor], Tensor]] = field(default_factory=list)
-    batch: BatchMix | None = None
+    batch: BatchMix | BatchAugment | None = None  # the train DataLoader's collate_fn
     views: int = 1  # > 1: ``augment`` is drawn this many times per image, and the train batch is (B, V, C, H, W)
 
     @property
     def mixes_labels(self) -> bool:
         """True when train labels arrive as soft targets (B, num_classes) instead of class indices (B,)."""
-        return self.batch is not None
+        return isinstance(self.batch, BatchMix)
 
 
 def build_defence(name: str, *, dataset: str, image_size: int, num_classes: int) -> Defence:
@@ -261,9 +224,9 @@ def build_defence(name: str, *, dataset: str, image_size: int, num_classes: int)
     if name == "cutout":  # DeVries & Taylor: 16x16 on CIFAR-10 (half the side), 8x8 on CIFAR-100
         return Defence(name, augment=[Cutout(8 if dataset == "cifar100" else max(1, image_size // 2))])
     if name == "ueraser":
-        return Defence(name, augment=ueraser())
+        return Defence(name, batch=BatchAugment(ueraser()))
     if name == "ueraser-max":  # 5 views (its README and code); the victim trains on each image's worst view
-        return Defence(name, augment=ueraser(), views=UERASER_MAX_VIEWS)
+        return Defence(name, batch=BatchAugment(ueraser()), views=UERASER_MAX_VIEWS)
     if name == "mixup":  # Zhang et al. 2018: alpha 1 on CIFAR, every batch
         return Defence(name, batch=BatchMix(v2.MixUp(alpha=1.0, num_classes=num_classes), num_classes))
     if name == "cutmix":  # Yun et al. 2019: alpha (beta) 1, cutmix_prob 0.5 in the authors' CIFAR command
