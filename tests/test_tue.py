@@ -271,3 +271,42 @@ def test_ddp_noise_pass_updates_every_shard_on_every_rank(tmp_path):
     # rank 0 saved the checkpoint: without the all-gather it would hold only its own half of the pass
     assert touched[subset].all() and touched.sum() == 200
     assert state["noise_passes"] == 1  # 100 samples per rank = 3 batches of 40 per epoch: one pass, at step 5
+
+
+def test_noise_for_other_data_from_a_learner_fitted_on_these(tmp_path, fake_npz, fake_cifar10, one_thread):
+    """TUE's transfer across datasets: the learner fitted on data A (an .npz) makes the noise of data B (CIFAR-10's
+    files); frozen by default, so only B's noise moves; ``surrogate_frozen: false`` trains it on."""
+    L.seed_everything(0)
+    rgb = dict(in_channels=3, image_size=16, ssl_weight=1.0, csd_weight=1.0)  # the SSL term reads the learner
+    on_a = _tiny_generator(**rgb)
+    trainer = _trainer(tmp_path / "a", max_epochs=1)
+    trainer.fit(on_a, datamodule=UEDataModule("npz", root=str(fake_npz), batch_size=20, augment=False))
+    ckpt = tmp_path / "a.ckpt"
+    trainer.save_checkpoint(ckpt)
+    fitted = {k: v.clone() for k, v in on_a.net.state_dict().items()}
+    assert any(not torch.equal(v, fitted[k]) for k, v in _tiny_generator(**rgb).net.state_dict().items())
+
+    def data_b() -> UEDataModule:
+        return UEDataModule("cifar10", root=str(fake_cifar10), batch_size=20, augment=False)
+
+    rgb["image_size"] = 32  # B's images are larger than A's: the encoder takes any size
+    on_b = _tiny_generator(**rgb, surrogate_checkpoint=str(ckpt))
+    _trainer(tmp_path / "b", max_epochs=1).fit(on_b, datamodule=data_b())
+    assert on_b.noise_passes == 2 and on_b.noise.shape == (100, 3, 32, 32)
+    assert 0 < on_b.noise.abs().max() <= 8 / 255 + 1e-6
+    assert all(torch.equal(v, fitted[k]) for k, v in on_b.net.state_dict().items())  # A's learner, untouched
+    trained_on = _tiny_generator(**rgb, surrogate_checkpoint=str(ckpt), surrogate_frozen=False)
+    _trainer(tmp_path / "c", max_epochs=1).fit(trained_on, datamodule=data_b())
+    assert any(not torch.equal(v, fitted[k]) for k, v in trained_on.net.state_dict().items())
+
+
+def test_a_surrogate_checkpoint_of_another_learner_is_refused(tmp_path, fake_cifar10):
+    grey = _tiny_generator(image_size=32)  # in_channels 1: a learner of grey images
+    torch.save({"hyper_parameters": dict(grey.hparams), "state_dict": grey.state_dict()}, tmp_path / "grey.ckpt")
+    data = UEDataModule("cifar10", root=str(fake_cifar10), batch_size=20, augment=False)
+    rgb = _tiny_generator(in_channels=3, image_size=32, surrogate_checkpoint=str(tmp_path / "grey.ckpt"))
+    with pytest.raises(ValueError, match=r"another learner \(in_channels=1 there, 3 here\).*backbone, arch, width"):
+        _trainer(tmp_path, max_epochs=1).fit(rgb, datamodule=data)
+    missing = _tiny_generator(in_channels=3, image_size=32, surrogate_checkpoint=str(tmp_path / "none.ckpt"))
+    with pytest.raises(FileNotFoundError, match="does not exist: give the last.ckpt"):
+        _trainer(tmp_path, max_epochs=1).fit(missing, datamodule=data)

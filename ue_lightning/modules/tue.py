@@ -32,6 +32,7 @@ from ue_lightning.ops.attacks import budget_to_pixels, pgd_minimize, project_lin
 from ue_lightning.ops.augment import random_crop_flip
 from ue_lightning.console import progress
 from ue_lightning.models import in_mode
+from ue_lightning.models.checkpoint import CheckpointError, load_weights, read_lightning_checkpoint
 from ue_lightning.modules.generator_base import StoredNoiseGenerator
 from ue_lightning.modules.contrastive import ContrastiveMethod, build_learner, learner_optimizer
 from ue_lightning.modules.simclr import classwise_separability, simclr_views
@@ -90,6 +91,14 @@ class TransferableNoise(StoredNoiseGenerator):
         noise_dtype, noise_store, noise_store_dir: how the noise state is stored, see
             :class:`~ue_lightning.modules.generator_base.StoredNoiseGenerator`.
         seed: seeds the random start and the noise-pass shuffling.
+        surrogate_checkpoint: a TransferableNoise checkpoint fitted on other data (data A): its contrastive learner
+            (encoder, heads, MoCo's queue) replaces the fresh one when this fit starts, and the noise is made for
+            this run's data (B): noise for B from a surrogate fitted on A, TUE's transfer across datasets. Its
+            ``backbone``, ``arch``, ``width``, ``in_channels`` and ``proj_dim`` must be this run's; A's noise is not
+            read. None: a fresh learner. With the public demo's ``ssl_weight`` 0 the learner plays no part in
+            the noise (the CSD alone shapes it): use ``ssl_weight`` > 0.
+        surrogate_frozen: with ``surrogate_checkpoint``, the learner stays as fitted on A and only the noise
+            passes run (the default); False: it goes on training on B's protected images, as a fresh one would.
         state_dtype: the former name of ``noise_dtype``, which it replaces when given: only so
             that checkpoints written under that name (their settings come with them) load.
     """
@@ -134,6 +143,8 @@ class TransferableNoise(StoredNoiseGenerator):
         noise_store: StoreKind = "auto",
         noise_store_dir: str | None = None,
         seed: int = 0,
+        surrogate_checkpoint: str | None = None,
+        surrogate_frozen: bool = True,
         state_dtype: Literal["float32", "float16"] | None = None,
     ):
         super().__init__(epsilon=epsilon, seed=seed, noise_dtype=state_dtype or noise_dtype, noise_store=noise_store,
@@ -183,7 +194,26 @@ class TransferableNoise(StoredNoiseGenerator):
             if dm.perturbation is not None:
                 raise ValueError("TransferableNoise generates noise for clean data: unset `data.perturbation`")
             self._noise_set = dm.train_images()
+            if self.hparams.surrogate_checkpoint is not None:
+                self._load_surrogate(self.hparams.surrogate_checkpoint)  # a resumed fit's own state then replaces it
         super().setup(stage)
+
+    #: The settings a learner's weights must share with this module's to be loaded into it.
+    LEARNER_SETTINGS = ("backbone", "arch", "width", "in_channels", "proj_dim")
+
+    def _load_surrogate(self, path: str) -> None:
+        """The contrastive learner of the TransferableNoise checkpoint ``path`` (fitted on other data) into ``self.net``."""
+        fix = ("give the last.ckpt of a `ue fit` of ue_lightning.modules.TransferableNoise with this run's backbone, "
+               "arch, width, in_channels and proj_dim")
+        hp, state = read_lightning_checkpoint(path, name="surrogate_checkpoint", expected="TransferableNoise",
+                                              fix=fix, prefix="net.", required=("backbone",))
+        ours = {k: self.hparams.get(k) for k in self.LEARNER_SETTINGS}
+        differ = [f"{k}={hp.get(k)!r} there, {v!r} here" for k, v in ours.items() if hp.get(k) != v]
+        if differ:
+            raise CheckpointError(f"surrogate_checkpoint {path} holds another learner ({'; '.join(differ)}): {fix}")
+        weights = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+        load_weights(self.net, weights, name=f"surrogate_checkpoint {path}", what=f"the {hp['backbone']} learner",
+                     fix=fix)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"noise_passes": self.noise_passes}
@@ -210,7 +240,10 @@ class TransferableNoise(StoredNoiseGenerator):
 
     @property
     def _trains_surrogate(self) -> bool:
-        return self.hparams.ssl_weight > 0 or not self.hparams.skip_idle_surrogate
+        h = self.hparams
+        if h.get("surrogate_checkpoint") is not None and h.get("surrogate_frozen", True):
+            return False  # the learner fitted on other data stays as it is
+        return h.ssl_weight > 0 or not h.skip_idle_surrogate
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         x, _, index = batch
