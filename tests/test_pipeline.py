@@ -1,6 +1,6 @@
 """`ue pipeline`'s table does not depend on how many stages run at once, nor on the caller's thread count.
 
-Each stage runs in a worker process on one CPU thread (`ue_lightning.pipeline._one_thread_worker`), so a
+Each stage runs in a worker process on one CPU thread (the grid runner's `threads=1`), so a
 run with one job at one thread and a run with two jobs at two threads must agree to the last bit: the
 noise files and every victim's accuracies. Without the pinning the two runs' floats are summed in
 different orders and the noise files differ. The two-job run is `ue pipeline` in a subprocess, as a user runs
@@ -47,7 +47,7 @@ def _check_console(out: str) -> None:
     assert len(stages) * 2 + 1 + 1 + len(table) + len(verdicts) == len(lines), out
 
 
-def test_table_and_noise_are_the_same_for_one_and_two_jobs_and_threads(tmp_path, monkeypatch):
+def test_table_and_noise_are_the_same_for_one_and_two_jobs_and_threads(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     configs = tiny_pipeline_configs(tmp_path)
     generators = {name: configs[name] for name in GENERATORS}
@@ -72,6 +72,14 @@ def test_table_and_noise_are_the_same_for_one_and_two_jobs_and_threads(tmp_path,
     for name, delta in noise_one.items():
         assert np.array_equal(delta, noise_two[name]), name
         assert np.abs(delta).max() > 0, name  # a noise was made
+        assert (tmp_path / "one" / "generator" / f"{name}.ckpt").resolve().is_file()  # for `ue protect --checkpoint`
+    assert (tmp_path / "one" / "score.ckpt").resolve().is_file()
+    capsys.readouterr()
+    again = run_pipeline(data=data, score=configs["score"], generators=generators, victim=configs["victim"],
+                         workdir=str(tmp_path / "one"), jobs=1)  # a rerun: the grid's stages are done
+    assert again == one
+    out = capsys.readouterr().out
+    assert out.startswith("8 of 8 stages already done in ") and "== [" not in out, out
 
 
 def test_jobs_below_one_is_refused(tmp_path):

@@ -2,53 +2,35 @@
 
 score estimator -> noise generators (fit, then predict over the train set into noise
 files) -> victims trained on clean and on each protected train set (at each adversarial
-radius) -> clean test accuracy table. Each stage is the same LightningCLI that
-``ue fit/predict/test`` runs, built from the stage's YAML config, in a worker process on one CPU
-thread (so the table is the same for any thread count), ``jobs`` stages at once.
+radius) -> clean test accuracy table. The pipeline is a grid (:mod:`ue_lightning.grid`): it writes
+``<workdir>/pipeline.yaml`` and runs that grid's stages, each the same LightningCLI that ``ue fit/predict/test``
+runs, in a worker process on one CPU thread (so the table is the same for any thread count), ``jobs`` stages at
+once; a rerun reuses the stages already done.
 """
 
 from __future__ import annotations
 
-import logging
-import multiprocessing
+import json
+import os
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 import yaml
 
-from ue_lightning.callbacks import PerturbationWriter
 from ue_lightning.compose import compose
-from ue_lightning.console import debugging
-from ue_lightning.lightning_cli import check_config, stage_cli
+from ue_lightning.grid.execute import Progress, log_file, run_local
+from ue_lightning.grid.spec import Grid, Stage, load_grid
+from ue_lightning.lightning_cli import check_config
 from ue_lightning.scratch import atomic_write_json
 
 
-def _uses_score_model(configs: list[str]) -> bool:
-    for config in configs:
+def _uses_score_model(configs: str | list[str]) -> bool:
+    for config in _as_list(configs):
         model = (yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}
         if "score_checkpoint" in (model.get("init_args") or {}):
             return True
     return False
-
-
-class _Announcer:
-    """Announces each stage when it starts, numbered, and says when it ends and how long it took."""
-
-    def __init__(self, total: int):
-        self.total, self.started = total, 0
-
-    def start(self, title: str) -> str:
-        self.started += 1
-        number = f"[{self.started}/{self.total}]"
-        print(f"== {number} {title}", flush=True)
-        return number
-
-    def end(self, number: str, seconds: float) -> None:
-        print(f"   {number} done ({seconds:.0f} s)", flush=True)
 
 
 #: The default generators, each composed with ``data`` (collapse is REM's loop plus the score step).
@@ -56,6 +38,8 @@ GENERATORS: dict[str, str | list[str]] = {
     "em-classwise": "configs/generator/em-classwise.yaml", "tue": "configs/generator/tue.yaml",
     "em-samplewise": "configs/generator/em-samplewise.yaml", "rem": "configs/generator/rem.yaml",
     "collapse": ["configs/generator/rem.yaml", "configs/generator/collapse.yaml"]}
+#: The grid file the pipeline writes in its workdir (``ue grid status|table`` read it too).
+GRID_FILE = "pipeline.yaml"
 
 
 def run_pipeline(
@@ -72,15 +56,17 @@ def run_pipeline(
     Each of ``score``, a generator and ``victim`` is one config or several, merged in order.
 
     Args:
-        data: the data config of the score estimator and the generators; each of their configs is composed
-            with it, and with its overlay for it where there is one (``ue_lightning.compose``).
+        data: the data config of every stage; each generator and score config is composed with it, and with its
+            overlay for it where there is one (``ue_lightning.compose``); the victim's config comes after it.
         score: ScoreEstimator config (None: skip, for generators that need no score model).
         generators: name -> generator config (default: EM class-wise, TUE, EM sample-wise, REM and collapse
             on the embedded digits; collapse is ``[rem.yaml, collapse.yaml]``, REM's loop plus the score step).
-        victim: VictimClassifier config, whole (its data section is the one the victims train on).
+        victim: VictimClassifier config (its data section, merged over ``data``, is what the victims train on).
         adv_radii: adversarial-training radii of the victims, in 1/255 units (0: standard training).
-        workdir: where checkpoints (``score.ckpt``; ``generator/<name>.ckpt``, weights, which ``ue protect
-            --checkpoint`` takes), noise files (``noise/<name>.safetensors``) and ``results.json`` go.
+        workdir: where the grid file (``pipeline.yaml``), each stage's folder (``score/``, ``noise/``, ``cells/``,
+            named by hashes of their settings, each with its ``log.txt``) and ``results.json`` go, with links by
+            name: ``noise/<name>.safetensors``, ``generator/<name>.ckpt`` (which ``ue protect --checkpoint``
+            takes) and ``score.ckpt``. A rerun reuses every stage already done with the same settings.
         jobs: stages run at once, each in its own process on one CPU thread, once its inputs exist (default:
             torch's thread count, i.e. the CPU cores or ``OMP_NUM_THREADS``). The table is the same for any
             ``jobs``: only the time changes. With a GPU, as many as its memory holds (the digits' stages are small).
@@ -92,19 +78,43 @@ def run_pipeline(
     methods = generators if generators is not None else GENERATORS
     for config in [data, *_as_list(score), *_as_list(victim), *(c for m in methods.values() for c in _as_list(m))]:
         check_config(config)
-    composed = {name: compose(data, *_as_list(m)) for name, m in methods.items()}
-    adv_radii = adv_radii if adv_radii is not None else [0.0]
     jobs = torch.get_num_threads() if jobs is None else jobs
     if jobs < 1:
         raise ValueError(f"jobs={jobs}: at least 1 stage must run at a time")
-    work = Path(workdir)
+    work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    results = _run_stages(compose(data, *_as_list(score)) if score else None, composed, _as_list(victim),
-                          adv_radii, work, jobs)
+    raw = pipeline_grid(data, score, methods, victim, adv_radii if adv_radii is not None else [0.0], work)
+    (work / GRID_FILE).write_text(yaml.safe_dump(raw, sort_keys=False))
+    grid = load_grid(work / GRID_FILE)
+    stages = list(grid.stages.values())
+    titles = _titles(grid, data, score, methods)
+    reused = sum(stage.done() for stage in stages)
+    if reused:
+        print(f"{reused} of {len(stages)} stages already done in {work} (reused; delete the folder to run "
+              "them again)", flush=True)
+    failed = run_local(stages, jobs, threads=1, progress=PipelineProgress(titles, len(stages) - reused))
+    if failed:
+        raise RuntimeError(f"{len(failed)} stage(s) failed: " + "; ".join(
+            f"{titles[s.key]} (log: {log_file(s)})" for s in failed) + ": run the same command again to retry them")
+    _link_by_name(grid, work)
+    results = _results(grid)
+    atomic_write_json(work / "results.json", results)
     print()
     print(format_table(results))
     print(format_verdicts(results))
     return results
+
+
+def pipeline_grid(data: str, score: str | list[str] | None, generators: dict[str, str | list[str]],
+                  victim: str | list[str], adv_radii: list[float], workdir: Path) -> dict:
+    """The grid file of a pipeline: one dataset, clean data and each generator as sources, one victim, its radii."""
+    sources: dict = {"clean": None}
+    for name, configs in generators.items():
+        sources[name] = {"generator": configs}
+        if score and _uses_score_model(configs):
+            sources[name]["score"] = score
+    return {"name": "pipeline", "output": str(workdir), "datasets": {Path(data).stem: data}, "sources": sources,
+            "victims": {Path(_as_list(victim)[-1]).stem: victim}, "adv_radii": [float(r) for r in adv_radii]}
 
 
 def _as_list(configs: str | list[str] | None) -> list[str]:
@@ -116,115 +126,76 @@ def _names(configs: list[str]) -> str:
     return " + ".join("/".join(Path(c).parts[-2:]) for c in configs)
 
 
-@dataclass
-class _Stage:
-    """One stage of the pipeline: ``run(*args)`` in a worker process, after the stages named in ``after``."""
-
-    title: str
-    run: Callable[..., Any]
-    args: tuple
-    after: tuple[str, ...] = ()
-    cell: tuple[str, str] | None = None  # a victim's row (train data) and column (rho_a) in the table
-
-
-def _fit_score(configs: list[str], root: Path, checkpoint: Path) -> None:
-    cli = stage_cli(configs, root, progress=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    cli.trainer.save_checkpoint(checkpoint, weights_only=True)  # what the generators read: weights
-
-
-def _fit_generator(configs: list[str], root: Path, extra: list[str], output: Path, checkpoint: Path) -> None:
-    cli = stage_cli(configs, root, *extra, progress=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    cli.trainer.save_checkpoint(checkpoint, weights_only=True)  # for `ue protect --checkpoint` (its surrogate)
-    cli.trainer.callbacks.append(PerturbationWriter(str(output)))
-    cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
+def _titles(grid: Grid, data: str, score: str | list[str] | None, generators: dict[str, str | list[str]]
+            ) -> dict[str, str]:
+    """Each stage's line: ``score estimator (configs)``, ``generator rem (configs)``, ``victim on rem data, ...``."""
+    titles = {}
+    for cell in grid.cells:
+        victim = grid.victim(cell)
+        titles[victim.key] = f"victim on {cell['source']} data, rho_a = {cell['adv_radius']:g}/255"
+        if victim.needs:
+            generator = grid.stages[victim.needs[0]]
+            configs = compose(data, *_as_list(generators[cell["source"]]))
+            titles[generator.key] = f"generator {cell['source']} ({_names(configs)})"
+            for need in generator.needs:
+                titles[need] = f"score estimator ({_names(compose(data, *_as_list(score)))})"
+    return titles
 
 
-def _train_victim(configs: list[str], root: Path, extra: list[str]) -> dict[str, float]:
-    cli = stage_cli(configs, root, *extra, progress=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    train_acc = float(cli.trainer.callback_metrics["train/acc"])  # last epoch, on its (protected) data
-    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    return {"train_acc": train_acc, "test_acc": float(metrics["test/acc"])}
+class PipelineProgress(Progress):
+    """The pipeline's lines: ``== [i/N] title`` when a stage starts, ``   [i/N] done (S s)`` when it ends."""
+
+    def __init__(self, titles: dict[str, str], total: int):
+        self.titles, self.total = titles, total
+        self.numbers: dict[str, str] = {}
+        self.started: dict[str, float] = {}
+
+    def note(self, text: str) -> None:
+        pass  # one thread a stage is the pipeline's rule, not news
+
+    def start(self, stage: Stage) -> None:
+        self.numbers[stage.key] = f"[{len(self.numbers) + 1}/{self.total}]"
+        self.started[stage.key] = time.time()
+        print(f"== {self.numbers[stage.key]} {self.titles[stage.key]}", flush=True)
+
+    def done(self, stage: Stage, minutes: float) -> None:
+        print(f"   {self.numbers[stage.key]} done ({time.time() - self.started[stage.key]:.0f} s)", flush=True)
+
+    def failed(self, stage: Stage, error: BaseException) -> None:
+        print(f"   {self.numbers[stage.key]} FAILED: {type(error).__name__}: {error} (log: {log_file(stage)})",
+              flush=True)
+
+    def skipped(self, stage: Stage) -> None:
+        print(f"   skipped: {self.titles[stage.key]} (an input failed)", flush=True)
 
 
-def _one_thread_worker() -> None:
-    """A worker computes on one CPU thread: its floats, hence the table, do not depend on the machine's
-    thread count (sums over 1 and 2 threads are ordered differently, and training amplifies the difference).
-    Lightning's INFO lines are off for the worker's life (see :func:`~ue_lightning.console.lightning_info_off`)."""
-    torch.set_num_threads(1)
-    if not debugging():
-        for name in ("lightning.pytorch", "lightning.fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+def _link(link: Path, target: Path) -> None:
+    """``link`` -> ``target`` as a relative symbolic link, replacing an older one."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(os.path.relpath(target, link.parent))
 
 
-def _stages(score: list[str] | None, generators: dict[str, list[str]], victim: list[str], adv_radii: list[float],
-            work: Path) -> dict[str, _Stage]:
-    """The pipeline's stages, keyed by name, in the order they are announced when ready."""
-    stages: dict[str, _Stage] = {}
-    score_ckpt = work / "score.ckpt"
-    needs_score = bool(score) and any(_uses_score_model(c) for c in generators.values())
-    if needs_score:
-        stages["score"] = _Stage(f"score estimator ({_names(score)})", _fit_score, (score, work / "score", score_ckpt))
-    noise_files: dict[str, Path | None] = {"clean": None}
-    for name, config in generators.items():
-        uses_score = needs_score and _uses_score_model(config)
-        # absolute: `ue protect --checkpoint <workdir>/generator/<name>.ckpt` finds the score model from anywhere
-        extra = ["--model.init_args.score_checkpoint", str(score_ckpt.resolve())] if uses_score else []
-        noise_files[name] = work / "noise" / f"{name}.safetensors"
-        stages[f"generator {name}"] = _Stage(f"generator {name} ({_names(config)})", _fit_generator,
-                                             (config, work / "generator" / name, extra, noise_files[name],
-                                              work / "generator" / f"{name}.ckpt"),
-                                             ("score",) if uses_score else ())
-    for data_name, noise in noise_files.items():
-        for radius in adv_radii:
-            extra = ["--model.init_args.adv_radius", str(radius)]
-            if noise is not None:
-                extra += ["--data.perturbation", str(noise)]
-            stages[f"victim {data_name} {radius:g}"] = _Stage(
-                f"victim on {data_name} data, rho_a = {radius:g}/255", _train_victim,
-                (victim, work / "victim" / f"{data_name}-rho{radius:g}", extra),
-                () if noise is None else (f"generator {data_name}",), (data_name, f"rho_a={radius:g}"))
-    return stages
+def _link_by_name(grid: Grid, work: Path) -> None:
+    """Each generator's noise file and checkpoint, and the score model's checkpoint, under their names."""
+    for cell in grid.cells:
+        victim = grid.victim(cell)
+        if victim.needs:
+            generator = grid.stages[victim.needs[0]]
+            _link(work / "noise" / f"{cell['source']}.safetensors", generator.result)
+            _link(work / "generator" / f"{cell['source']}.ckpt", generator.checkpoint)
+            for need in generator.needs:
+                _link(work / "score.ckpt", grid.stages[need].checkpoint)
 
 
-def _run_stages(score: list[str] | None, generators: dict[str, list[str]], victim: list[str], adv_radii: list[float],
-                work: Path, jobs: int) -> dict[str, dict[str, dict[str, float]]]:
-    """Run the stages, ``jobs`` at once (each in a worker process on one thread), each once its inputs exist."""
-    stages = _stages(score, generators, victim, adv_radii, work)
-    announce = _Announcer(len(stages))
-    done: dict[str, Any] = {}  # stage name -> what it returned
-    running: dict[Future, tuple[str, str, float]] = {}  # -> stage name, its number, its start time
-    context = multiprocessing.get_context("spawn")  # never fork a process whose OpenMP threads have run
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_one_thread_worker) as pool:
-        try:
-            while len(done) < len(stages):
-                started = set(done) | {name for name, _, _ in running.values()}
-                ready = [n for n, stage in stages.items() if n not in started and set(stage.after) <= set(done)]
-                for name in ready[:jobs - len(running)]:  # in the stages' order
-                    number = announce.start(stages[name].title)
-                    running[pool.submit(stages[name].run, *stages[name].args)] = (name, number, time.time())
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    name, number, start = running.pop(future)
-                    done[name] = future.result()  # a stage's error is raised here, with its traceback
-                    announce.end(number, time.time() - start)
-                    if stages[name].cell:
-                        atomic_write_json(work / "results.json", _results(stages, done))
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-    return _results(stages, done)
-
-
-def _results(stages: dict[str, _Stage], done: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
-    """The victims' accuracies so far, rows in the stages' order (clean first, then each generator)."""
+def _results(grid: Grid) -> dict[str, dict[str, dict[str, float]]]:
+    """The victims' accuracies, rows in the grid's order (clean first, then each generator), a column a radius."""
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for name, stage in stages.items():
-        if stage.cell and name in done:
-            row, column = stage.cell
-            results.setdefault(row, {})[column] = done[name]
+    for cell in grid.cells:
+        metrics = json.loads(grid.victim(cell).result.read_text())
+        results.setdefault(cell["source"], {})[f"rho_a={cell['adv_radius']:g}"] = {
+            "train_acc": metrics["train_acc"], "test_acc": metrics["test_acc"]}
     return results
 
 

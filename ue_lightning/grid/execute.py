@@ -27,7 +27,30 @@ def _say(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def _log(stage: Stage) -> Path:
+class Progress:
+    """What :func:`run_local` says about its stages: a grid's lines (the time, then start, done, FAILED, skip).
+
+    ``ue pipeline`` says it in its own words (:class:`ue_lightning.pipeline.PipelineProgress`).
+    """
+
+    def note(self, text: str) -> None:
+        _say(text)
+
+    def start(self, stage: Stage) -> None:
+        _say(f"start {stage.name}")
+
+    def done(self, stage: Stage, minutes: float) -> None:
+        _say(f"done  {stage.name} in {minutes:.1f} min")
+
+    def failed(self, stage: Stage, error: BaseException) -> None:
+        _say(f"FAILED {stage.name}: {type(error).__name__}: {error} (log: {log_file(stage)})")
+
+    def skipped(self, stage: Stage) -> None:
+        _say(f"skip  {stage.name}: an input failed")
+
+
+def log_file(stage: Stage) -> Path:
+    """Where a stage's output (its stdout and stderr) goes: ``<folder>/log.txt``."""
     return Path(stage.folder) / "log.txt"
 
 
@@ -38,15 +61,13 @@ class StageExited(RuntimeError):
 def run_logged(stage: Stage) -> float:
     """Run a stage with its output in ``<folder>/log.txt``; return its minutes.
 
-    Says "start" when the stage starts (in a pool's worker: not when it was queued). A stage that exits
-    (jsonargparse exits on a setting it refuses) raises :class:`StageExited`, so the runner goes on with the
-    other stages; only the runner's own stop (``_exit_on_sigterm``) and Ctrl-C end the run.
+    A stage that exits (jsonargparse exits on a setting it refuses) raises :class:`StageExited`, so the runner
+    goes on with the other stages; only the runner's own stop (``_exit_on_sigterm``) and Ctrl-C end the run.
     """
     from ue_lightning.grid.stages import output_to, run_stage
 
-    _say(f"start {stage.name}")
     start = time.time()
-    with output_to(_log(stage)):
+    with output_to(log_file(stage)):
         try:
             run_stage(stage)
         except BaseException as error:
@@ -92,16 +113,26 @@ def _stop_workers(pool: ProcessPoolExecutor, grace: float) -> None:
             worker.join()
 
 
-def run_local(stages: list[Stage], jobs: int = 1, grace: float = 60.0) -> list[Stage]:
-    """Run the stages not done yet, ``jobs`` at once (each with cores // jobs torch threads); return the failed ones.
+def run_local(stages: list[Stage], jobs: int = 1, grace: float = 60.0, threads: int | None = None,
+              progress: Progress | None = None) -> list[Stage]:
+    """Run the stages not done yet, ``jobs`` at once; return the failed ones.
 
     A stage starts when all its inputs are done (score models, then generators, then victims where several
     are ready); a stage whose inputs failed is not run (and counts as failed). Stopped (SIGTERM, Ctrl-C), the
     runner stops its running stages too (``_stop_workers``, ``grace`` seconds) before it exits: a stage left
     running could write the same cell as the next runner.
+
+    Args:
+        stages: what to run (those done already are skipped).
+        jobs: stages at once.
+        grace: seconds a stopped stage has to end before it is killed.
+        threads: torch threads of each stage, each then in a worker process even with one job (None: with
+            one job, in this process; with several, cores // jobs threads each).
+        progress: what is said when a stage starts, ends, fails (None: the grid's time-stamped lines).
     """
     if jobs < 1:
         raise ValueError(f"grid: --jobs must be at least 1, got {jobs}")
+    progress = progress or Progress()
     order = {kind: i for i, kind in enumerate(STAGE_KINDS)}
     todo = sorted((s for s in stages if not s.done()), key=lambda s: order[s.kind])
     unfinished = {s.key for s in todo}
@@ -111,10 +142,10 @@ def run_local(stages: list[Stage], jobs: int = 1, grace: float = 60.0) -> list[S
     def finish(stage: Stage, minutes: float | None, error: BaseException | None) -> None:
         unfinished.discard(stage.key)
         if error is None:
-            _say(f"done  {stage.name} in {minutes:.1f} min")
+            progress.done(stage, minutes)
         else:  # one failed cell must not stop the others
             failed[stage.key] = stage
-            _say(f"FAILED {stage.name}: {type(error).__name__}: {error} (log: {_log(stage)})")
+            progress.failed(stage, error)
 
     def next_ready() -> Stage | None:
         """The first stage whose inputs are all done, skipping (and failing) those whose inputs failed."""
@@ -123,7 +154,7 @@ def run_local(stages: list[Stage], jobs: int = 1, grace: float = 60.0) -> list[S
                 todo.remove(stage)
                 unfinished.discard(stage.key)
                 failed[stage.key] = stage
-                _say(f"skip  {stage.name}: an input failed")
+                progress.skipped(stage)
             elif not any(k in unfinished for k in stage.needs):
                 todo.remove(stage)
                 return stage
@@ -131,17 +162,18 @@ def run_local(stages: list[Stage], jobs: int = 1, grace: float = 60.0) -> list[S
 
     pool = None
     restore = None
-    if jobs > 1:
-        threads = max(1, cores() // jobs)
+    if jobs > 1 or threads is not None:
+        threads = threads or max(1, cores() // jobs)
         pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker,
                                    initargs=(threads,))
         if threading.current_thread() is threading.main_thread():
             restore = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        _say(f"{jobs} processes at once, {threads} torch thread(s) each")
+        progress.note(f"{jobs} processes at once, {threads} torch thread(s) each")
     stopped = True
     try:
         while todo or running:
             while len(running) < jobs and (stage := next_ready()) is not None:
+                progress.start(stage)
                 if pool is None:  # one at a time, in this process
                     try:
                         finish(stage, run_logged(stage), None)
@@ -165,7 +197,7 @@ def run_local(stages: list[Stage], jobs: int = 1, grace: float = 60.0) -> list[S
     finally:
         if pool:
             if stopped:
-                _say("stopped: ending the running stages (their checkpoints are kept; run again to resume)")
+                progress.note("stopped: ending the running stages (their checkpoints are kept; run again to resume)")
                 _stop_workers(pool, grace)
             else:
                 pool.shutdown()
