@@ -459,7 +459,7 @@ def test_rem_refuses_a_checkpoint_that_is_not_a_robust_generator(protected_run, 
 
 
 def test_ssim_of_a_large_photo_is_that_of_its_central_square():
-    from ue_lightning.protect.report import SSIM_MAX_SIDE, image_quality
+    from ue_lightning.protect.quality import SSIM_MAX_SIDE, image_quality
 
     torch.manual_seed(0)
     clean = torch.randint(0, 256, (3, 40, SSIM_MAX_SIDE + 60), dtype=torch.uint8)

@@ -210,3 +210,13 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 class OneLineParser(OneLineErrors, ArgumentParser):
     """jsonargparse's parser, refusing a command line in one ``ue: error:`` line (``ue export|protect|pipeline``)."""
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's INFO lines (devices, stop reasons) and its small-data warnings, silenced for a run."""
+    with lightning_info_off(), warnings.catch_warnings():
+        for noise in ("does not have many workers", "is smaller than the logging", "no `validation_step`",
+                      "LeafSpec"):
+            warnings.filterwarnings("ignore", message=f".*{noise}")
+        yield

@@ -21,7 +21,7 @@ from ue_lightning.data.noise_file import apply_delta
 from ue_lightning.protect.images import ImageJob, Photo, UnreadableImage, read_photo, shown, write_png
 from ue_lightning.protect.methods import ClasswiseNoise, RobustNoise, SamplewiseNoise
 from ue_lightning.protect.noise import working_shape
-from ue_lightning.protect.report import image_quality
+from ue_lightning.protect.quality import image_quality
 
 
 def sha256(path: Path) -> str:

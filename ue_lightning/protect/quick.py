@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import shutil
 import sys
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -31,10 +29,11 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from ue_lightning.console import lightning_info_off
-from ue_lightning.data import UEDataModule
-from ue_lightning.data.datamodule import stratified_subset
-from ue_lightning.modules import ErrorMinimizingNoise, RobustNoiseGenerator, ScoreEstimator
+from ue_lightning.console import quiet_lightning
+from ue_lightning.data.datamodule import UEDataModule, stratified_subset
+from ue_lightning.modules.em import ErrorMinimizingNoise
+from ue_lightning.modules.robust import RobustNoiseGenerator
+from ue_lightning.modules.score import ScoreEstimator
 from ue_lightning.protect.images import ImageJob, UnreadableImage, read_photo
 from ue_lightning.protect.surrogate import robust_step_size
 from ue_lightning.scratch import atomic_write_bytes, scratch_dir
@@ -206,13 +205,3 @@ def fit_quick_surrogate(jobs: list[ImageJob], classes: list[str], checkpoint: Pa
                                   score_checkpoint=score_checkpoint if mode == "collapse" else None)
     return train_quick_surrogate(images, labels, checkpoint, mode=mode, epsilon=epsilon, seed=seed,
                                  accelerator=accelerator)
-
-
-@contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Lightning's INFO lines (devices, stop reasons) and its small-data warnings, silenced for a run."""
-    with lightning_info_off(), warnings.catch_warnings():
-        for noise in ("does not have many workers", "is smaller than the logging", "no `validation_step`",
-                      "LeafSpec"):
-            warnings.filterwarnings("ignore", message=f".*{noise}")
-        yield

@@ -29,11 +29,11 @@ import torch
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from ue_lightning.data import UEDataModule
-from ue_lightning.modules import VictimClassifier
+from ue_lightning.console import quiet_lightning
+from ue_lightning.data.datamodule import UEDataModule
+from ue_lightning.modules.victim import VictimClassifier
 from ue_lightning.protect.images import ImageJob, read_photo
 from ue_lightning.protect.platforms import DEFAULT_PLATFORMS, PlatformFn, parse_platform
-from ue_lightning.protect.quick import quiet_lightning
 from ue_lightning.scratch import scratch_dir
 
 @dataclass
