@@ -168,6 +168,9 @@ class PipelineProgress(Progress):
     def skipped(self, stage: Stage) -> None:
         print(f"   skipped: {self.titles[stage.key]} (an input failed)", flush=True)
 
+    def stopped(self) -> None:
+        print("stopped: ending the running stages (a rerun resumes them from their checkpoints)", flush=True)
+
 
 def _link(link: Path, target: Path) -> None:
     """``link`` -> ``target`` as a relative symbolic link, replacing an older one."""

@@ -48,6 +48,9 @@ class Progress:
     def skipped(self, stage: Stage) -> None:
         _say(f"skip  {stage.name}: an input failed")
 
+    def stopped(self) -> None:
+        _say("stopped: ending the running stages (their checkpoints are kept; run again to resume)")
+
 
 def log_file(stage: Stage) -> Path:
     """Where a stage's output (its stdout and stderr) goes: ``<folder>/log.txt``."""
@@ -197,7 +200,7 @@ def run_local(stages: list[Stage], jobs: int = 1, grace: float = 60.0, threads: 
     finally:
         if pool:
             if stopped:
-                progress.note("stopped: ending the running stages (their checkpoints are kept; run again to resume)")
+                progress.stopped()
                 _stop_workers(pool, grace)
             else:
                 pool.shutdown()
