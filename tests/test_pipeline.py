@@ -86,3 +86,15 @@ def test_jobs_below_one_is_refused(tmp_path):
     with pytest.raises(ValueError, match="jobs=0"):
         run_pipeline(workdir=str(tmp_path), jobs=0, data=str(REPO / "configs/data/digits.yaml"),
                      score=str(REPO / "configs/score/dsm.yaml"), victim=str(REPO / "configs/victim/digits.yaml"))
+
+
+def test_a_file_where_a_named_link_goes_is_refused_and_kept(tmp_path):
+    """A workdir of an earlier pipeline, which wrote generator/<name>.ckpt as files: refused before any stage runs."""
+    earlier = tmp_path / "generator" / "tue.ckpt"
+    earlier.parent.mkdir()
+    earlier.write_bytes(b"an earlier checkpoint")
+    with pytest.raises(FileExistsError, match="generator/tue.ckpt, a file .*nothing was run"):
+        run_pipeline(workdir=str(tmp_path), jobs=1, data=str(REPO / "configs/data/digits.yaml"),
+                     score=str(REPO / "configs/score/dsm.yaml"), victim=str(REPO / "configs/victim/digits.yaml"),
+                     generators={"tue": str(REPO / "configs/generator/tue.yaml")})
+    assert earlier.read_bytes() == b"an earlier checkpoint" and not (tmp_path / "noise").exists()

@@ -88,6 +88,8 @@ def run_pipeline(
     grid = load_grid(work / GRID_FILE)
     stages = list(grid.stages.values())
     titles = _titles(grid, data, score, methods)
+    links = _named_links(grid, work)
+    _refuse_files_in_the_way(links, work)
     reused = sum(stage.done() for stage in stages)
     if reused:
         print(f"{reused} of {len(stages)} stages already done in {work} (reused; delete the folder to run "
@@ -96,7 +98,7 @@ def run_pipeline(
     if failed:
         raise RuntimeError(f"{len(failed)} stage(s) failed: " + "; ".join(
             f"{titles[s.key]} (log: {log_file(s)})" for s in failed) + ": run the same command again to retry them")
-    _link_by_name(grid, work)
+    _link_by_name(links)
     results = _results(grid)
     atomic_write_json(work / "results.json", results)
     print()
@@ -172,24 +174,36 @@ class PipelineProgress(Progress):
         print("stopped: ending the running stages (a rerun resumes them from their checkpoints)", flush=True)
 
 
-def _link(link: Path, target: Path) -> None:
-    """``link`` -> ``target`` as a relative symbolic link, replacing an older one."""
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(os.path.relpath(target, link.parent))
-
-
-def _link_by_name(grid: Grid, work: Path) -> None:
-    """Each generator's noise file and checkpoint, and the score model's checkpoint, under their names."""
+def _named_links(grid: Grid, work: Path) -> dict[Path, Path]:
+    """link -> target: each generator's noise file and checkpoint, and the score model's checkpoint, by name."""
+    links = {}
     for cell in grid.cells:
         victim = grid.victim(cell)
         if victim.needs:
             generator = grid.stages[victim.needs[0]]
-            _link(work / "noise" / f"{cell['source']}.safetensors", generator.result)
-            _link(work / "generator" / f"{cell['source']}.ckpt", generator.checkpoint)
+            links[work / "noise" / f"{cell['source']}.safetensors"] = generator.result
+            links[work / "generator" / f"{cell['source']}.ckpt"] = generator.checkpoint
             for need in generator.needs:
-                _link(work / "score.ckpt", grid.stages[need].checkpoint)
+                links[work / "score.ckpt"] = grid.stages[need].checkpoint
+    return links
+
+
+def _refuse_files_in_the_way(links: dict[Path, Path], work: Path) -> None:
+    """Refuse, before anything runs, a workdir where a link would replace a file (an earlier pipeline's results)."""
+    for link in links:
+        if link.exists() and not link.is_symlink():
+            raise FileExistsError(f"--workdir {work} holds {link}, a file that the pipeline's link by that name "
+                                  "would replace (an earlier `ue pipeline` wrote it): move it away or give a new "
+                                  "--workdir (nothing was run)")
+
+
+def _link_by_name(links: dict[Path, Path]) -> None:
+    """Each ``link`` -> its target as a relative symbolic link, replacing an older link."""
+    for link, target in links.items():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(os.path.relpath(target, link.parent))
 
 
 def _results(grid: Grid) -> dict[str, dict[str, dict[str, float]]]:
