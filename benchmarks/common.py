@@ -20,7 +20,7 @@ PROTOCOL_SUBSET, PROTOCOL_SEED = 5000, 0
 def outside_protocol_subset(labels: np.ndarray) -> np.ndarray:
     """Indices of SHARED_NPZ's train images that the CPU protocol's subset leaves out (no victim or generator of
     the protocol saw them): a held-out set, or a thief's own images."""
-    from ue_lightning.data.datamodule import stratified_subset
+    from ue_lightning.data.sampling import stratified_subset
 
     kept = stratified_subset(torch.as_tensor(labels), PROTOCOL_SUBSET, PROTOCOL_SEED).numpy()
     return np.setdiff1d(np.arange(len(labels)), kept)

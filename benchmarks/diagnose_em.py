@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ue_lightning.ops.attacks import cross_entropy_sum, pgd_minimize
 from ue_lightning.ops.augment import random_crop_flip
 from ue_lightning.data import NoiseFile
-from ue_lightning.data.datamodule import stratified_subset
+from ue_lightning.data.sampling import stratified_subset
 from ue_lightning.models import build_classifier
 
 NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg75-subset.npz"

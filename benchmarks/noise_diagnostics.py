@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED_NPZ  # noqa: E402
 
 from ue_lightning.ops.augment import random_crop_flip  # noqa: E402
-from ue_lightning.data.datamodule import stratified_subset  # noqa: E402
+from ue_lightning.data.sampling import stratified_subset  # noqa: E402
 from ue_lightning.data.noise_file import NoiseFile  # noqa: E402
 from ue_lightning.modules.robust import RobustNoiseGenerator  # noqa: E402
 from ue_lightning.ops.sample_rng import salt_of  # noqa: E402

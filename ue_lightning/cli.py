@@ -100,7 +100,7 @@ def _run(argv: list[str] | None) -> None:
         elif args[0] == "import":
             from ue_lightning.data.authors_noise import import_noise as command
         elif args[0] == "protect":
-            from ue_lightning.protect import protect_folder as command
+            from ue_lightning.protect.command import protect_folder as command
         elif args[0] == "embed":
             from ue_lightning.embed import embed_features as command
         else:

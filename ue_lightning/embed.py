@@ -25,7 +25,8 @@ import yaml
 from torch import Tensor
 
 from ue_lightning.data import UEDataModule, stratified_subset
-from ue_lightning.models.checkpoint import check_data_facts, classifier_from_weights, read_classifier_checkpoint
+from ue_lightning.models.checkpoint import check_data_facts, read_classifier_checkpoint
+from ue_lightning.models.registry import classifier_from_weights
 from ue_lightning.scratch import atomic_write_json
 
 _FIX = "pass the last.ckpt of a victim (`ue fit ... --config configs/victim/<arch>.yaml`) trained on this data"

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ue_lightning.compose import fill_placeholders, missing_overlays, run_names, unnamed_error
 from ue_lightning.console import OneLineErrors, TransientProgressBar, import_class, quiet_third_party
-from ue_lightning.data import UEDataModule
+from ue_lightning.data.datamodule import UEDataModule
 from ue_lightning.models.checkpoint import check_fits, load_checkpoint_file, refuse_url
 from ue_lightning.modules.noise_store import stream_checkpoints
 

@@ -16,7 +16,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import make_grid
 
-from ue_lightning.data.noise_file import apply_delta
+from ue_lightning.data.delta import apply_delta
 
 PADDING = 4
 

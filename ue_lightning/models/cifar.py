@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .normalize import ImageClassifier, Normalize
+from .normalize import ImageClassifier, Normalize, conv_with_inputs
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -327,11 +327,9 @@ class MobileNetV2Backbone(nn.Module):
         super().__init__()
         from torchvision.models import mobilenet_v2
 
-        from .imagenet import _new_conv_like
-
         net = mobilenet_v2(weights=None, width_mult=width / 32)
         if in_channels != 3:
-            net.features[0][0] = _new_conv_like(net.features[0][0], in_channels)
+            net.features[0][0] = conv_with_inputs(net.features[0][0], in_channels)
         net.features[0][0].stride = (1, 1)
         net.features[2].conv[1][0].stride = (1, 1)  # the first 24-channel block's depthwise convolution
         self.features = net.features

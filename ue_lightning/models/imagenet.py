@@ -27,30 +27,14 @@ from collections.abc import Callable, Sequence
 from torch import nn
 from torchvision import models as tvm
 
-from .normalize import ImageClassifier, Normalize
+from .normalize import ImageClassifier, Normalize, conv_with_inputs
 
 MeanStd = float | Sequence[float] | None
 
 
-def _new_conv_like(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
-    """Copy of ``conv``'s hyper-parameters with ``in_channels`` inputs, He-initialised."""
-    new = nn.Conv2d(
-        in_channels,
-        conv.out_channels,
-        kernel_size=conv.kernel_size,  # type: ignore[arg-type]
-        stride=conv.stride,  # type: ignore[arg-type]
-        padding=conv.padding,  # type: ignore[arg-type]
-        bias=conv.bias is not None,
-    )
-    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
-    if new.bias is not None:
-        nn.init.zeros_(new.bias)
-    return new
-
-
 def _split_resnet(model: nn.Module, in_channels: int) -> tuple[nn.Module, nn.Linear]:
     if in_channels != 3:
-        model.conv1 = _new_conv_like(model.conv1, in_channels)  # type: ignore[arg-type]
+        model.conv1 = conv_with_inputs(model.conv1, in_channels)  # type: ignore[arg-type]
     head = model.fc
     model.fc = nn.Identity()
     return model, head  # type: ignore[return-value]
@@ -58,7 +42,7 @@ def _split_resnet(model: nn.Module, in_channels: int) -> tuple[nn.Module, nn.Lin
 
 def _split_densenet(model: nn.Module, in_channels: int) -> tuple[nn.Module, nn.Linear]:
     if in_channels != 3:
-        model.features.conv0 = _new_conv_like(model.features.conv0, in_channels)  # type: ignore[union-attr,arg-type]
+        model.features.conv0 = conv_with_inputs(model.features.conv0, in_channels)  # type: ignore[union-attr,arg-type]
     head = model.classifier
     model.classifier = nn.Identity()
     return model, head  # type: ignore[return-value]
@@ -66,7 +50,7 @@ def _split_densenet(model: nn.Module, in_channels: int) -> tuple[nn.Module, nn.L
 
 def _split_vgg(model: nn.Module, in_channels: int) -> tuple[nn.Module, nn.Linear]:
     if in_channels != 3:
-        model.features[0] = _new_conv_like(model.features[0], in_channels)  # type: ignore[index,arg-type]
+        model.features[0] = conv_with_inputs(model.features[0], in_channels)  # type: ignore[index,arg-type]
     head = model.classifier[-1]  # type: ignore[index]
     model.classifier[-1] = nn.Identity()  # type: ignore[index]
     return model, head  # type: ignore[return-value]
@@ -74,7 +58,7 @@ def _split_vgg(model: nn.Module, in_channels: int) -> tuple[nn.Module, nn.Linear
 
 def _split_mobilenet(model: nn.Module, in_channels: int) -> tuple[nn.Module, nn.Linear]:
     if in_channels != 3:
-        model.features[0][0] = _new_conv_like(model.features[0][0], in_channels)  # type: ignore[index,arg-type]
+        model.features[0][0] = conv_with_inputs(model.features[0][0], in_channels)  # type: ignore[index,arg-type]
     dropout, head = model.classifier  # type: ignore[misc]
     model.classifier = dropout  # type: ignore[assignment]
     return model, head  # type: ignore[return-value]

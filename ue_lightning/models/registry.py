@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .airbench import airbench_classifier
+from .checkpoint import build_checked
 from .cifar import (cifar_densenet121, cifar_mobilenet_v2, cifar_resnet18, cifar_resnet50, cifar_vgg16,
                     cifar_wrn34_10)
 from .imagenet import imagenet_classifier
@@ -110,3 +111,10 @@ def channels_last_is_safe(model: nn.Module) -> bool:
         return False
     return not any(conv.kernel_size == (1, 1) and conv.stride != (1, 1)
                    and conv.in_channels < POINTWISE_STRIDED_MIN_CHANNELS for conv in convs)
+
+
+def classifier_from_weights(hp: dict[str, Any], weights: dict[str, torch.Tensor], *, name: str) -> ImageClassifier:
+    """The classifier that ``hp`` (arch, width, num_classes, in_channels, image_size) describes, with ``weights``."""
+    return build_checked(lambda: build_classifier(hp["arch"], hp["num_classes"], in_channels=hp["in_channels"],
+                                                  image_size=hp["image_size"], width=hp.get("width")),
+                         weights, name=name, what=f"{hp['arch']} (width={hp.get('width')})")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ue_lightning.models import build_classifier
+from ue_lightning.models.registry import build_classifier
 from ue_lightning.modules.simclr import ProjectionHead, nt_xent
 
 ContrastiveMethod = Literal["simclr", "moco", "simsiam"]

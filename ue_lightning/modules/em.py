@@ -62,8 +62,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms.v2 import functional as TF
 
 from ue_lightning.ops.attacks import budget_to_pixels, cross_entropy_sum, logit_margin_sum, pgd_minimize, project_linf
-from ue_lightning.data.datamodule import stratified_subset
-from ue_lightning.models import batchnorm_statistics_frozen, build_classifier, in_mode
+from ue_lightning.data.sampling import stratified_subset
+from ue_lightning.models.batchnorm import batchnorm_statistics_frozen, in_mode
+from ue_lightning.models.registry import build_classifier
 from ue_lightning.ops.augment import random_crop_flip
 from ue_lightning.console import progress
 from ue_lightning.modules.generator_base import StoredNoiseGenerator

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from ue_lightning.ops.attacks import budget_to_pixels
 from ue_lightning.callbacks import log_perturbation_grid, tensorboard_loggers
-from ue_lightning.data.noise_file import quantize_delta
+from ue_lightning.data.delta import quantize_delta
 from ue_lightning.modules.noise_store import NoiseStore, StoreKind, choose_kind, stream_checkpoints
 from ue_lightning.ops.shard_duplicates import first_occurrences, first_unseen
 

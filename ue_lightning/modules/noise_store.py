@@ -38,7 +38,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor
 
-from ue_lightning.models.checkpoint import load_checkpoint_file
+from ue_lightning.models.checkpoint_file import load_checkpoint_file
 from ue_lightning.scratch import as_published, scratch_dir, scratch_file
 
 StoreKind = Literal["auto", "memory", "file"]

@@ -41,7 +41,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from ue_lightning.ops.attacks import (box_start, budget_to_pixels, cross_entropy_sum, input_gradient, pgd_maximize,
                                   project_linf)
 from ue_lightning.ops.augment import random_crop_flip
-from ue_lightning.models import build_classifier, in_mode, load_frozen_score
+from ue_lightning.models.batchnorm import in_mode
+from ue_lightning.models.frozen_score import load_frozen_score
+from ue_lightning.models.registry import build_classifier
 from ue_lightning.modules.generator_base import NoiseGenerator, round_to_pixel_grid
 from ue_lightning.modules.unregistered import Unregistered
 from ue_lightning.ops.sample_rng import indexed_uniform, salt_of

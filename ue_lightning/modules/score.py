@@ -29,7 +29,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from ue_lightning.models import ScoreNet
+from ue_lightning.models.score_net import ScoreNet
 from ue_lightning.models.checkpoint import (CheckpointError, build_checked, check_data_facts,
                                              read_lightning_checkpoint)
 from ue_lightning.models.frozen_score import geometric_sigmas, training_hint

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from ue_lightning.console import progress
-from ue_lightning.models import in_mode
+from ue_lightning.models.batchnorm import in_mode
 from ue_lightning.modules.contrastive import ContrastiveMethod, build_learner, learner_optimizer
 from ue_lightning.modules.simclr import simclr_views
 from ue_lightning.modules.unregistered import Unregistered

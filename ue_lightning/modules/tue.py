@@ -31,7 +31,7 @@ from torchvision.transforms.v2 import functional as TF
 from ue_lightning.ops.attacks import budget_to_pixels, pgd_minimize, project_linf
 from ue_lightning.ops.augment import random_crop_flip
 from ue_lightning.console import progress
-from ue_lightning.models import in_mode
+from ue_lightning.models.batchnorm import in_mode
 from ue_lightning.models.checkpoint import CheckpointError, load_weights, read_lightning_checkpoint
 from ue_lightning.modules.generator_base import StoredNoiseGenerator
 from ue_lightning.modules.contrastive import ContrastiveMethod, build_learner, learner_optimizer

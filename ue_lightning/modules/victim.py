@@ -11,7 +11,9 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from ue_lightning.ops.attacks import budget_to_pixels, cross_entropy_sum, pgd_maximize
-from ue_lightning.models import PatchWhitening, build_classifier, in_mode
+from ue_lightning.models.airbench import PatchWhitening
+from ue_lightning.models.batchnorm import in_mode
+from ue_lightning.models.registry import build_classifier
 from ue_lightning.modules.optim import optimizer_with_schedule
 
 #: Train images (per process) whose 2x2 patches set the airbench whitening layer.

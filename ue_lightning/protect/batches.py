@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ue_lightning.data.noise_file import apply_delta
+from ue_lightning.data.delta import apply_delta
 from ue_lightning.protect.images import ImageJob, Photo, UnreadableImage, read_photo, shown, write_png
 from ue_lightning.protect.methods import ClasswiseNoise, RobustNoise, SamplewiseNoise
 from ue_lightning.protect.noise import working_shape

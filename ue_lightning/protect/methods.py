@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from ue_lightning.protect.images import ImageJob
-from ue_lightning.protect.noise import at_working_size, class_pattern_delta, error_minimizing_deltas, predicted_labels
-from ue_lightning.protect.surrogate import (Surrogate, load_class_noise, load_robust_generator, load_surrogate,
-                                            match_channels)
+from ue_lightning.protect.noise import (Surrogate, at_working_size, class_pattern_delta, error_minimizing_deltas,
+                                        match_channels, predicted_labels)
+from ue_lightning.protect.surrogate import load_class_noise, load_robust_generator, load_surrogate
 
 #: ``--method`` -> the kind of quick generator trained when no ``--checkpoint`` is given.
 MODES = {"em": "samplewise", "em-classwise": "classwise", "rem": "robust", "collapse": "collapse"}

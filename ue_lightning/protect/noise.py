@@ -8,16 +8,16 @@ made at full resolution would be averaged away there; and PGD at 12 MP costs ~10
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from ue_lightning.ops.attacks import budget_to_pixels, logit_margin_sum, pgd_minimize
-from ue_lightning.data.noise_file import quantize_delta
+from ue_lightning.data.delta import quantize_delta
 from ue_lightning.protect.platforms import through_jpeg
-from ue_lightning.protect.surrogate import Surrogate, match_channels
 
 #: ``(x (B, C, h, w) in [0, 1], labels (B,)) -> float noise (B, C, h, w), pixel units``.
 PixelNoise = Callable[[Tensor, Tensor], Tensor]
@@ -34,6 +34,45 @@ class AlternatingViews:
     def __call__(self, z: Tensor) -> Tensor:
         self.calls += 1
         return self.loss(z if self.calls % 2 else self.view(z))
+
+
+def match_channels(x: Tensor, channels: int) -> Tensor:
+    """``x`` (B, 1 or 3, H, W) as a model with ``channels`` inputs sees it, differentiably.
+
+    Grey is repeated to RGB; RGB is averaged to grey. So noise stays in the image's own
+    channels whatever the surrogate was trained on.
+    """
+    if x.shape[1] == channels:
+        return x
+    if channels == 1:
+        return x.mean(dim=1, keepdim=True)
+    return x.expand(-1, channels, -1, -1) if x.shape[1] == 1 else x[:, :channels]
+
+
+@dataclass
+class Surrogate:
+    """A frozen classifier in eval mode (pixels in [0, 1] -> logits), on ``device``.
+
+    Attributes:
+        model: the classifier; its parameters do not require gradients.
+        num_classes: its number of logits.
+        in_channels: the channels it was trained on (images are matched to them).
+        source: where it came from (a checkpoint path).
+    """
+
+    model: nn.Module
+    num_classes: int
+    in_channels: int
+    source: str
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Logits (B, num_classes) of images (B, 1 or 3, H, W) in [0, 1]."""
+        return self.model(match_channels(x, self.in_channels))
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """int64 (B,): the predicted class of each image."""
+        return self(x).argmax(dim=1)
 
 
 def working_shape(height: int, width: int, working_size: int | None) -> tuple[int, int]:
@@ -122,7 +161,7 @@ def class_pattern_delta(pattern: Tensor, colour: Tensor, epsilon: float) -> Tens
 
     ``pattern`` (c, h, w) is in pixel units within ``epsilon`` (1/255 units); it is resized
     to (H, W) (bilinear: values stay within the budget), its channels matched to the image's
-    (:func:`~ue_lightning.protect.surrogate.match_channels`), and rounded against the image.
+    (:func:`match_channels`), and rounded against the image.
     A victim that shrinks the image to its input size sees about the pattern again.
     """
     stretched = TF.resize(pattern.unsqueeze(0).float(), list(colour.shape[1:]), antialias=True)

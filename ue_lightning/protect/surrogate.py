@@ -10,59 +10,21 @@ class-wise ``ErrorMinimizingNoise`` checkpoint (:func:`load_class_noise`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ue_lightning.models.checkpoint import (check_fits, classifier_from_weights, load_checkpoint_file, load_weights,
+from ue_lightning.models.checkpoint import (check_fits, load_checkpoint_file, load_weights,
                                            read_classifier_checkpoint)
+from ue_lightning.models.registry import classifier_from_weights
 from ue_lightning.modules.em import CHECKPOINT_KEY
 from ue_lightning.modules.robust import RobustNoiseGenerator
+from ue_lightning.protect.noise import Surrogate
 
 SURROGATES = "ErrorMinimizingNoise or RobustNoiseGenerator (ue fit --config configs/data/<data>.yaml --config configs/generator/em-*.yaml)"
 FIX = ("pass the last.ckpt of a generator fit, or leave --checkpoint out to train a quick surrogate on the "
        "folder itself")
-
-
-def match_channels(x: Tensor, channels: int) -> Tensor:
-    """``x`` (B, 1 or 3, H, W) as a model with ``channels`` inputs sees it, differentiably.
-
-    Grey is repeated to RGB; RGB is averaged to grey. So noise stays in the image's own
-    channels whatever the surrogate was trained on.
-    """
-    if x.shape[1] == channels:
-        return x
-    if channels == 1:
-        return x.mean(dim=1, keepdim=True)
-    return x.expand(-1, channels, -1, -1) if x.shape[1] == 1 else x[:, :channels]
-
-
-@dataclass
-class Surrogate:
-    """A frozen classifier in eval mode (pixels in [0, 1] -> logits), on ``device``.
-
-    Attributes:
-        model: the classifier; its parameters do not require gradients.
-        num_classes: its number of logits.
-        in_channels: the channels it was trained on (images are matched to them).
-        source: where it came from (a checkpoint path).
-    """
-
-    model: nn.Module
-    num_classes: int
-    in_channels: int
-    source: str
-
-    def __call__(self, x: Tensor) -> Tensor:
-        """Logits (B, num_classes) of images (B, 1 or 3, H, W) in [0, 1]."""
-        return self.model(match_channels(x, self.in_channels))
-
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        """int64 (B,): the predicted class of each image."""
-        return self(x).argmax(dim=1)
 
 
 def load_surrogate(path: str | Path, device: torch.device) -> Surrogate:

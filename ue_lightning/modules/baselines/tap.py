@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from ue_lightning.ops.attacks import box_start, budget_to_pixels, pgd_minimize
 from ue_lightning.ops.augment import random_crop_flip
-from ue_lightning.models.checkpoint import check_data_facts, classifier_from_weights, read_classifier_checkpoint
+from ue_lightning.models.checkpoint import check_data_facts, read_classifier_checkpoint
+from ue_lightning.models.registry import classifier_from_weights
 from ue_lightning.modules.generator_base import NoiseGenerator
 from ue_lightning.ops.sample_rng import indexed_uniform, salt_of
 
