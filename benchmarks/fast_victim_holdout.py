@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROTOCOL_SEED, PROTOCOL_SUBSET, SHARED_NPZ, outside_protocol_subset, save_npz  # noqa: E402
-from protection_cpu import QUIET, REPO, fit_and_test  # noqa: E402
+from common import (PROTOCOL_SEED, PROTOCOL_SUBSET, QUIET, REPO, SHARED_NPZ, fit_and_test,  # noqa: E402
+                    outside_protocol_subset, save_npz)
 
 OUT = REPO / "benchmarks" / "out" / "holdout"
 

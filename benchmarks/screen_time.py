@@ -1,9 +1,9 @@
 """Time one noise screen (fit + test) of the fast victim against the CPU protocol's ResNet-18 victim.
 
     python benchmarks/screen_time.py                       # resnet18-cpu and airbench-cpu, 1 repeat each
-    python benchmarks/screen_time.py --repeats 2 --noise benchmarks/out/cpu-protocol/noise/rem-rho2.safetensors
+    python benchmarks/screen_time.py --repeats 2 --noise runs/grids/cpu/noise/<hash>/noise.safetensors
 
-A screen is what the protocol's cell does (``protection_cpu.victim_cell``, standard training): ``ue fit``
+A screen is what a CIFAR-10 cell of grids/cpu-table1.yaml does (standard training): ``ue fit``
 of the victim config on the 5000-image subset, then ``test`` on the 10000 test images, one torch thread,
 in this process, nothing written but a temporary folder. The victims run alternately (ResNet-18 first),
 so a change in the machine's load hits both. Prints, per victim, the wall and CPU minutes of every
@@ -22,14 +22,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
-from protection_cpu import fit_and_test, victim_args  # noqa: E402
+from common import fit_and_test, machine, victim_args  # noqa: E402
 
 VICTIMS = ("resnet18-cpu", "airbench-cpu")
 
 
 def screen(victim: str, noise: str | None, root: str) -> dict:
-    """One protocol cell's fit + test (seed 0, standard training), as ``protection_cpu.victim_cell`` runs it."""
+    """One protocol cell's fit + test (seed 0, standard training), in this process."""
     return fit_and_test(victim_args(victim, 0, root) + (["--data.perturbation", noise] if noise else []))
 
 
