@@ -1,4 +1,4 @@
-"""Seeded, class-stratified choices of samples: a train subset, a held-out validation split, a protected share.
+"""Seeded choices of samples: a class-stratified train subset and held-out validation split, a protected share.
 
 Each is a function of the labels and a seed alone, so every process of a DDP run draws the same samples.
 """
