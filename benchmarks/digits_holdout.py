@@ -40,7 +40,7 @@ from ue_lightning.callbacks import PerturbationWriter
 from ue_lightning.compose import compose
 from ue_lightning.console import lightning_info_off
 from ue_lightning.lightning_cli import stage_cli
-from ue_lightning.pipeline import GENERATORS, _as_list, _uses_score_model
+from ue_lightning.pipeline import GENERATORS, config_list, uses_score_model
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out" / "digits-holdout"
@@ -78,9 +78,9 @@ def generate(method: str, tag: str, overrides: list[str], reuse: bool = False,
         if not output.exists():
             raise SystemExit(f"digits_holdout: --reuse: no noise file {output}: run once without --reuse")
         return output, per_pass(folder / "logs" / "version_0" / "metrics.csv")
-    configs = compose(DATA, *(str(REPO / c) for c in _as_list(GENERATORS[method])))
+    configs = compose(DATA, *(str(REPO / c) for c in config_list(GENERATORS[method])))
     extra = subset_options(train_digits)
-    if _uses_score_model(configs):
+    if uses_score_model(configs):
         extra += ["--model.init_args.score_checkpoint", str(score_checkpoint(train_digits))]
     try:  # atomic: two runs given the same method and tag would write (and read) the same noise file
         folder.mkdir(parents=True)

@@ -70,7 +70,7 @@ from ue_lightning.data.noise_file import NoiseFile
 from ue_lightning.models import ImageClassifier
 from ue_lightning.console import lightning_info_off
 from ue_lightning.lightning_cli import stage_cli
-from ue_lightning.pipeline import GENERATORS, _as_list
+from ue_lightning.pipeline import GENERATORS, config_list
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = "configs/data/digits.yaml"
@@ -106,7 +106,7 @@ def stages() -> list[Stage]:
     """The check's stages, each after the stages it needs."""
 
     def generator(name: str) -> tuple[str, ...]:
-        return tuple(compose(DATA, *_as_list(GENERATORS[name])))
+        return tuple(compose(DATA, *config_list(GENERATORS[name])))
 
     surrogate = ("em/surrogate_loss",)
     return [

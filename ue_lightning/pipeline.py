@@ -25,8 +25,9 @@ from ue_lightning.lightning_cli import check_config
 from ue_lightning.scratch import atomic_write_json
 
 
-def _uses_score_model(configs: str | list[str]) -> bool:
-    for config in _as_list(configs):
+def uses_score_model(configs: str | list[str]) -> bool:
+    """Whether any of these generator configs sets ``model.init_args.score_checkpoint`` (data collapse)."""
+    for config in config_list(configs):
         model = (yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}
         if "score_checkpoint" in (model.get("init_args") or {}):
             return True
@@ -76,7 +77,7 @@ def run_pipeline(
         (``test_acc``: on the clean test set, the measure of protection).
     """
     methods = generators if generators is not None else GENERATORS
-    for config in [data, *_as_list(score), *_as_list(victim), *(c for m in methods.values() for c in _as_list(m))]:
+    for config in [data, *config_list(score), *config_list(victim), *(c for m in methods.values() for c in config_list(m))]:
         check_config(config)
     jobs = torch.get_num_threads() if jobs is None else jobs
     if jobs < 1:
@@ -113,13 +114,14 @@ def pipeline_grid(data: str, score: str | list[str] | None, generators: dict[str
     sources: dict = {"clean": None}
     for name, configs in generators.items():
         sources[name] = {"generator": configs}
-        if score and _uses_score_model(configs):
+        if score and uses_score_model(configs):
             sources[name]["score"] = score
     return {"name": "pipeline", "output": str(workdir), "datasets": {Path(data).stem: data}, "sources": sources,
-            "victims": {Path(_as_list(victim)[-1]).stem: victim}, "adv_radii": [float(r) for r in adv_radii]}
+            "victims": {Path(config_list(victim)[-1]).stem: victim}, "adv_radii": [float(r) for r in adv_radii]}
 
 
-def _as_list(configs: str | list[str] | None) -> list[str]:
+def config_list(configs: str | list[str] | None) -> list[str]:
+    """One config path, a list of them (merged in order) or none, as a list."""
     return [] if configs is None else [configs] if isinstance(configs, str) else list(configs)
 
 
@@ -137,10 +139,10 @@ def _titles(grid: Grid, data: str, score: str | list[str] | None, generators: di
         titles[victim.key] = f"victim on {cell['source']} data, rho_a = {cell['adv_radius']:g}/255"
         if victim.needs:
             generator = grid.stages[victim.needs[0]]
-            configs = compose(data, *_as_list(generators[cell["source"]]))
+            configs = compose(data, *config_list(generators[cell["source"]]))
             titles[generator.key] = f"generator {cell['source']} ({_names(configs)})"
             for need in generator.needs:
-                titles[need] = f"score estimator ({_names(compose(data, *_as_list(score)))})"
+                titles[need] = f"score estimator ({_names(compose(data, *config_list(score)))})"
     return titles
 
 
