@@ -88,6 +88,55 @@ def test_two_cells_run_resume_and_render(tmp_path, fake_npz, capsys):
         assert picture.format == "PNG" and picture.width > 300
 
 
+def test_a_held_out_grid_scores_each_victim_on_held_out_train_images_and_never_reads_the_test_split(
+        tmp_path, fake_npz, monkeypatch):
+    """``held_out: 1/3``: the victims (not the generator) hold out a stratified third of their train images and are
+    scored on them, clean; the test split is never served; the table says so."""
+    from ue_lightning.data import UEDataModule
+
+    def no_test(self):
+        raise AssertionError("a held_out grid read the test split")
+
+    monkeypatch.setattr(UEDataModule, "test_dataloader", no_test)
+    grid_file = _write(tmp_path / "held.yaml", {
+        "output": str(tmp_path / "out"), "held_out": "1/3",
+        "datasets": {"fake": _npz_dataset(fake_npz)},
+        "sources": {"clean": None, "random": str(REPO / "configs/generator/random.yaml")},
+        "victims": {"r18w4": TINY_VICTIM}})
+    run_grid(str(grid_file))
+    grid = load_grid(grid_file)
+    assert grid.held_out == pytest.approx(1 / 3) and grid.score == "held_out_acc"
+    generator = next(s for s in grid.stages.values() if s.kind == "generator")
+    assert "--data.val_fraction" not in generator.args  # the noise covers every train image
+    for cell in grid.cells:
+        stage = grid.victim(cell)
+        resolved = yaml.safe_load((Path(stage.folder) / "config.yaml").read_text())
+        assert resolved["data"]["val_fraction"] == pytest.approx(1 / 3)
+        result = json.loads(stage.result.read_text())
+        assert 0 <= result["held_out_acc"] <= 1 and "test_acc" not in result
+    md = (tmp_path / "out" / "held.md").read_text()
+    assert "held-out 33.3% of their train images" in md and "## held-out accuracy" in md and "test images" not in md
+    assert (tmp_path / "out" / "held.csv").read_text().startswith("noise_source,n,held_out_acc_mean,")
+
+
+@pytest.mark.parametrize("share", [0, 1, 1.5, "-0.1", "a/b", "1/0", True])
+def test_a_held_out_share_outside_zero_one_is_refused_with_the_fix(share, tmp_path):
+    base = {"datasets": {"d": str(REPO / "configs/data/digits.yaml")}, "sources": {"clean": None},
+            "victims": {"v": str(REPO / "configs/victim/digits.yaml")}}
+    with pytest.raises(ValueError, match=r"held_out .* must be a share .* in \(0, 1\)"):
+        load_grid(_write(tmp_path / "g.yaml", {**base, "held_out": share}))
+
+
+def test_a_held_out_grid_with_the_papers_test_numbers_is_refused(tmp_path):
+    grid = {"datasets": {"d": str(REPO / "configs/data/digits.yaml")}, "sources": {"clean": None},
+            "victims": {"v": str(REPO / "configs/victim/digits.yaml")}, "held_out": 0.1,
+            "paper": {"title": "T", "rows": ["dataset"], "columns": {"source": ["clean"]}, "values": [["d", 90.0]]}}
+    with pytest.raises(ValueError, match="drop one of them"):
+        load_grid(_write(tmp_path / "g.yaml", grid))
+    del grid["held_out"]
+    assert load_grid(_write(tmp_path / "g.yaml", grid)).paper is not None  # the same block is fine on test scores
+
+
 def _fake_grid(tmp_path: Path) -> Path:
     """A grid of real configs (never run here): clean and two generators, one with a score model."""
     return _write(tmp_path / "g.yaml", {
@@ -103,6 +152,18 @@ def _fake_grid(tmp_path: Path) -> Path:
         "parts": [{}, {"sources": ["clean"], "seeds": [2], "victim_args": {"trainer.max_epochs": 3}}],
         "slurm": {"all": {"slurm_partition": "gpu", "timeout_min": 60, "gpus_per_node": 2, "cpus_per_task": 4},
                   "victim": {"timeout_min": 30, "slurm_additional_parameters": {"qos": "low"}}}})
+
+
+def test_a_listing_read_by_a_pipe_that_closes_early_ends_quietly(tmp_path):
+    """``ue grid status g.yaml | head -1``: the listing stops when the reader goes, without a traceback."""
+    grid_file = _fake_grid(tmp_path)  # 40 cells: more lines than the pipe is read for
+    proc = subprocess.Popen([sys.executable, "-m", "ue_lightning.cli", "grid", "status", str(grid_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout.readline().startswith("pending ")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 def test_expansion_shares_generators_and_score(tmp_path):

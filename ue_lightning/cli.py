@@ -58,6 +58,9 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 def main(argv: list[str] | None = None) -> None:
     try:
         _run(argv)
+    except BrokenPipeError:  # `ue grid status ... | head`: the reader has gone, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        sys.exit(0)
     except USER_ERRORS as error:
         if os.environ.get("UE_DEBUG"):
             raise

@@ -5,7 +5,8 @@ other axes the grid varies (dataset, victim, adversarial radius, defence, protec
 fraction); seeds are averaged: mean ± standard deviation (n). A clean cell has no surrogate
 and no protected fraction, so the clean row shows its value in every such column. A grid with a
 ``paper:`` block shows the paper's number beside ours in each cell ("ours / paper"), in the CSV
-(``paper_test_acc``) and as a black tick on each bar.
+(``paper_test_acc``) and as a black tick on each bar. A ``held_out:`` grid shows held-out accuracy
+(``held_out_acc``) where the others show test accuracy.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from ue_lightning.grid.spec import Grid
 COLUMN_AXES = ("dataset", "victim", "adv_radius", "defence", "protected_fraction")
 SHORT = {"adv_radius": "rho_a", "protected_fraction": "protected"}
 METRICS = {"test_acc": "clean test accuracy", "train_acc": "train accuracy (last epoch, on the data it trained on)"}
+#: What a ``held_out:`` grid scores its victims by in place of ``test_acc``.
+HELD_OUT = "held-out accuracy (clean train images the victim never trained on; the test split is never read)"
+
+
+def metrics(grid: Grid) -> dict[str, str]:
+    """The grid's result keys and their titles: its score (``test_acc`` or ``held_out_acc``) first, then
+    ``train_acc``."""
+    return METRICS if grid.score == "test_acc" else {"held_out_acc": HELD_OUT, "train_acc": METRICS["train_acc"]}
 
 
 def collect(grid: Grid) -> list[dict]:
@@ -107,12 +116,15 @@ def _cell_text(stats: tuple[float, float, int] | None) -> str:
 def markdown(grid: Grid, results: list[dict]) -> str:
     rows, axes, columns = layout(grid)
     paper = paper_numbers(grid)
+    scored = ("tested on clean test images" if grid.score == "test_acc" else
+              f"scored on a held-out {100 * grid.held_out:.1f}% of their train images, clean (the test split is "
+              "never read)")
     lines = [f"# {grid.name}", "", f"{len(results)} of {len(grid.cells)} cells done. Accuracy in %, mean ± std over "
-             "seeds (n seeds); the victims are tested on clean test images."]
+             f"seeds (n seeds); the victims are {scored}."]
     if grid.paper is not None:
         lines.append(f"Clean test accuracy: ours / {grid.paper.title} (the paper's number, as printed).")
     lines.append("")
-    for metric, title in METRICS.items():
+    for metric, title in metrics(grid).items():
         stats = aggregate(grid, results, metric)
         beside = paper if metric == "test_acc" else {}
         lines += [f"## {title}", "", "| noise source | " + " | ".join(column_label(axes, c) for c in columns) + " |",
@@ -129,17 +141,18 @@ def write_csv(grid: Grid, results: list[dict], path: Path) -> None:
     """One line per (row, column) with results (or a paper number): the axes' values, n and the mean and std of
     each metric, in [0, 1]; with a ``paper:`` block, the paper's number too (``paper_test_acc``, in [0, 1])."""
     rows, axes, columns = layout(grid)
-    stats = {metric: aggregate(grid, results, metric) for metric in METRICS}
+    names = metrics(grid)
+    stats = {metric: aggregate(grid, results, metric) for metric in names}
     paper = {place: float(text.split(",")[0]) / 100 for place, text in paper_numbers(grid).items()}
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["noise_source", *axes, "n", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
+        writer.writerow(["noise_source", *axes, "n", *(f"{m}_{s}" for m in names for s in ("mean", "std")),
                          *(["paper_test_acc"] if grid.paper is not None else [])])
         for row in rows:
             for column in columns:
-                if (row, column) not in stats["test_acc"] and (row, column) not in paper:
+                if (row, column) not in stats[grid.score] and (row, column) not in paper:
                     continue
-                cells = [stats[m].get((row, column)) for m in METRICS]
+                cells = [stats[m].get((row, column)) for m in names]
                 numbers = [f"{x:.4f}" if c else "" for c in cells for x in (c or (0, 0))[:2]]
                 extra = [] if grid.paper is None else [f"{paper[row, column]:.4f}" if (row, column) in paper else ""]
                 writer.writerow([row, *map(_value, column), cells[0][2] if cells[0] else 0, *numbers, *extra])
@@ -153,7 +166,7 @@ def plot(grid: Grid, results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows, axes, columns = layout(grid)
-    stats = aggregate(grid, results, "test_acc")
+    stats = aggregate(grid, results, grid.score)
     paper = {place: float(text.split(",")[0]) for place, text in paper_numbers(grid).items()}
     width = 0.8 / max(1, len(columns))
     ticked = False
@@ -171,9 +184,10 @@ def plot(grid: Grid, results: list[dict], path: Path) -> None:
             ticked = True
     tilt = len(rows) > 4
     ax.set_xticks(range(len(rows)), rows, rotation=20 if tilt else 0, ha="right" if tilt else "center")
-    ax.set_ylabel("clean test accuracy (%)")
+    what = "clean test accuracy" if grid.score == "test_acc" else "held-out accuracy"
+    ax.set_ylabel(f"{what} (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{grid.name}\nvictims' clean test accuracy, mean ± std over seeds", fontsize="medium")
+    ax.set_title(f"{grid.name}\nvictims' {what}, mean ± std over seeds", fontsize="medium")
     if len(columns) > 1 or paper:
         ax.legend(fontsize="small", ncols=min(4, len(columns)))
     fig.tight_layout()

@@ -21,6 +21,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ NOT_FOR_CLEAN = ("surrogate", "protected_fraction")
 #: fraction leaves clean, without the protected ones (``data.drop_protected``): the baseline of partial protection.
 CLEAN_REST = "clean-rest"
 ARG_KEYS = ("victim_args", "generator_args")
-TOP_KEYS = {"name", "output", *AXIS_KEYS, *ARG_KEYS, "parts", "slurm", "paper"}
+TOP_KEYS = {"name", "output", *AXIS_KEYS, *ARG_KEYS, "parts", "slurm", "paper", "held_out"}
 #: Keys of a grid's ``paper:`` block: the published numbers of the table the grid reproduces.
 PAPER_KEYS = {"title", "rows", "columns", "values"}
 #: Generator settings that read another stage's checkpoint: the source key that names that stage, and the fix.
@@ -72,6 +73,7 @@ class Stage:
     needs: list[str] = field(default_factory=list)
     checkpoint_every: dict = field(default_factory=dict)  # how often its config's ModelCheckpoint saves
     cell: dict | None = None  # victims: the cell's coordinates
+    scored_on: str = "test"  # victims: "test" (the test split) or "held_out" (held-out train images, ``held_out:``)
 
     @property
     def result(self) -> Path:
@@ -99,6 +101,12 @@ class Grid:
     slurm: dict
 
     paper: PaperTable | None = None  # the published numbers of the table the grid reproduces
+    held_out: float | None = None  # share of each victim's train images it is scored on instead of the test split
+
+    @property
+    def score(self) -> str:
+        """The result key a victim is scored by: ``test_acc``, or ``held_out_acc`` in a ``held_out:`` grid."""
+        return "held_out_acc" if self.held_out else "test_acc"
 
     def victim(self, cell: dict) -> Stage:
         return self.stages[cell["key"]]
@@ -263,6 +271,20 @@ def read_grid_file(path: str | Path) -> dict:
     return raw
 
 
+def held_out_share(raw: Any, path: Path) -> float | None:
+    """A grid's ``held_out:``: None, or a share in (0, 1) written as a number or a ratio (``197/1347``)."""
+    if raw is None:
+        return None
+    try:
+        share = float(Fraction(str(raw).replace(" ", ""))) if not isinstance(raw, bool) else -1.0
+    except (ValueError, ZeroDivisionError):
+        share = -1.0
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"grid: {path}: held_out {raw!r} must be a share of the victims' train images in (0, 1), "
+                         "a number or a ratio such as 197/1347 (or leave it out to score on the test split)")
+    return share
+
+
 def grid_name(name: Any, path: Path) -> str:
     """The grid's ``name:`` (default: the file's name without ``.yaml``), a plain file name: the tables are
     written as ``<output>/<name>.md`` (and ``.csv``, ``.png``, ``.cells.json``), inside the output folder."""
@@ -296,8 +318,8 @@ def _parts(raw: dict) -> list[dict]:
 class _Planner:
     """Builds the stages of a grid's cells, sharing score models and generators between cells."""
 
-    def __init__(self, output: Path, cwd: str):
-        self.output, self.cwd = output, cwd
+    def __init__(self, output: Path, cwd: str, held_out: float | None = None):
+        self.output, self.cwd, self.held_out = output, cwd, held_out
         self.stages: dict[str, Stage] = {}
         self._yaml: dict[str, dict] = {}
 
@@ -383,11 +405,14 @@ class _Planner:
             overrides["data.protected_fraction"] = cell["protected_fraction"]
         if clean_rest:
             overrides.update({"data.protected_fraction": cell["protected_fraction"], "data.drop_protected": True})
+        if self.held_out:  # the victim alone holds them out: its generator saw every train image
+            overrides["data.val_fraction"] = self.held_out
         overrides = _changes(overrides, contents)
         key = stable_hash({"configs": contents, "args": overrides, "noise": noise.key if noise else None})
         return self._add(Stage("victim", key, describe(cell), str(self.output / "cells" / key),
                                paths, cli_args(overrides), self.cwd, [noise.key] if noise else [],
-                               _checkpoint_settings(contents), cell={k: cell[k] for k in AXES}))
+                               _checkpoint_settings(contents), cell={k: cell[k] for k in AXES},
+                               scored_on="held_out" if self.held_out else "test"))
 
 
 def describe(cell: dict) -> str:
@@ -472,7 +497,11 @@ def load_grid(path: str | Path, cwd: str | None = None) -> Grid:
     raw = read_grid_file(path)
     cwd = os.path.abspath(cwd or os.getcwd())
     output = Path(os.path.abspath(os.path.join(cwd, raw.get("output") or f"runs/grids/{path.stem}")))
-    planner = _Planner(output, cwd)
+    held_out = held_out_share(raw.get("held_out"), path)
+    if held_out and raw.get("paper") is not None:
+        raise ValueError(f"grid: {path}: a `paper:` block holds test accuracies and a `held_out:` grid never reads "
+                         "the test split: drop one of them")
+    planner = _Planner(output, cwd, held_out)
     victims = _normalise_entries("victim", raw["victims"]) if isinstance(raw["victims"], dict) else {}
     cells: dict[str, dict] = {}
     order: dict[str, list] = {axis: [] for axis in AXES}
@@ -508,7 +537,8 @@ def load_grid(path: str | Path, cwd: str | None = None) -> Grid:
             cells.setdefault(stage.key, {**cell, "key": stage.key})
     order = {axis: [v for v in values if v is not None] for axis, values in order.items()}
     return Grid(path, grid_name(raw.get("name"), path), output, list(cells.values()), _run_order(planner.stages),
-                order, dict(raw.get("slurm") or {}), _paper_table(raw.get("paper"), path, order, list(cells.values())))
+                order, dict(raw.get("slurm") or {}), _paper_table(raw.get("paper"), path, order, list(cells.values())),
+                held_out)
 
 
 def select(grid: Grid, only: list[str] | None) -> list[dict]:

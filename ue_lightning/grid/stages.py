@@ -76,7 +76,7 @@ def build(stage: Stage):
 
 
 def run_stage(stage: Stage) -> None:
-    """Run ``stage`` unless it is done: fit (resuming), then predict the noise file or test the victim."""
+    """Run ``stage`` unless it is done: fit (resuming), then predict the noise file or score the victim."""
     os.chdir(stage.cwd)  # configs name data and files relative to the repository root
     if stage.done():
         return
@@ -105,17 +105,27 @@ def run_stage(stage: Stage) -> None:
         trainer.callbacks.append(PerturbationWriter(str(stage.result)))
         trainer.predict(model, datamodule=data, return_predictions=False, ckpt_path=resume)
     elif stage.kind == "victim":
-        tested = trainer.test(model, datamodule=data, verbose=False, ckpt_path=resume)[0]
+        scores = _score(stage, trainer, model, data, resume)
         fitted = json.loads(fit_file.read_text()) if trainer.is_global_zero else {}
         if trainer.is_global_zero:
             import torch
 
             write_json(stage.result, {
-                **stage.cell, "key": stage.key, "train_acc": fitted.get("train_acc"),
-                "test_acc": float(tested["test/acc"]),
-                **{k.replace("/", "_"): float(v) for k, v in tested.items() if k != "test/acc"},
+                **stage.cell, "key": stage.key, "train_acc": fitted.get("train_acc"), **scores,
                 "fit_minutes": fitted.get("minutes"), "minutes": round((time.time() - start) / 60, 2),
                 "threads": torch.get_num_threads(), "checkpoint": str(ckpt)})
+
+
+def _score(stage: Stage, trainer, model, data, resume: str | None) -> dict[str, float]:
+    """The fitted victim's clean accuracy: on the test split (``test_acc``, and any other ``test/`` metric), or in a
+    ``held_out:`` grid on its held-out train images (``held_out_acc``: ``data.val_fraction``, clean), the test split
+    never read."""
+    if stage.scored_on == "held_out":
+        validated = trainer.validate(model, datamodule=data, verbose=False, ckpt_path=resume)[0]
+        return {"held_out_acc": float(validated["val/acc"])}
+    tested = trainer.test(model, datamodule=data, verbose=False, ckpt_path=resume)[0]
+    return {"test_acc": float(tested["test/acc"]),
+            **{k.replace("/", "_"): float(v) for k, v in tested.items() if k != "test/acc"}}
 
 
 def _metric(trainer, name: str) -> float | None:
