@@ -105,7 +105,7 @@ def test_a_held_out_grid_scores_each_victim_on_held_out_train_images_and_never_r
         "victims": {"r18w4": TINY_VICTIM}})
     run_grid(str(grid_file))
     grid = load_grid(grid_file)
-    assert grid.held_out == pytest.approx(1 / 3) and grid.score == "held_out_acc"
+    assert grid.held_out == pytest.approx(1 / 3) and grid.score_metric == "held_out_acc"
     generator = next(s for s in grid.stages.values() if s.kind == "generator")
     assert "--data.val_fraction" not in generator.args  # the noise covers every train image
     for cell in grid.cells:

@@ -28,7 +28,7 @@ HELD_OUT = "held-out accuracy (clean train images the victim never trained on; t
 def metrics(grid: Grid) -> dict[str, str]:
     """The grid's result keys and their titles: its score (``test_acc`` or ``held_out_acc``) first, then
     ``train_acc``."""
-    return METRICS if grid.score == "test_acc" else {"held_out_acc": HELD_OUT, "train_acc": METRICS["train_acc"]}
+    return METRICS if grid.score_metric == "test_acc" else {"held_out_acc": HELD_OUT, "train_acc": METRICS["train_acc"]}
 
 
 def collect(grid: Grid) -> list[dict]:
@@ -116,7 +116,7 @@ def _cell_text(stats: tuple[float, float, int] | None) -> str:
 def markdown(grid: Grid, results: list[dict]) -> str:
     rows, axes, columns = layout(grid)
     paper = paper_numbers(grid)
-    scored = ("tested on clean test images" if grid.score == "test_acc" else
+    scored = ("tested on clean test images" if grid.score_metric == "test_acc" else
               f"scored on a held-out {100 * grid.held_out:.1f}% of their train images, clean (the test split is "
               "never read)")
     lines = [f"# {grid.name}", "", f"{len(results)} of {len(grid.cells)} cells done. Accuracy in %, mean ± std over "
@@ -150,7 +150,7 @@ def write_csv(grid: Grid, results: list[dict], path: Path) -> None:
                          *(["paper_test_acc"] if grid.paper is not None else [])])
         for row in rows:
             for column in columns:
-                if (row, column) not in stats[grid.score] and (row, column) not in paper:
+                if (row, column) not in stats[grid.score_metric] and (row, column) not in paper:
                     continue
                 cells = [stats[m].get((row, column)) for m in names]
                 numbers = [f"{x:.4f}" if c else "" for c in cells for x in (c or (0, 0))[:2]]
@@ -166,7 +166,7 @@ def plot(grid: Grid, results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows, axes, columns = layout(grid)
-    stats = aggregate(grid, results, grid.score)
+    stats = aggregate(grid, results, grid.score_metric)
     paper = {place: float(text.split(",")[0]) for place, text in paper_numbers(grid).items()}
     width = 0.8 / max(1, len(columns))
     ticked = False
@@ -184,7 +184,7 @@ def plot(grid: Grid, results: list[dict], path: Path) -> None:
             ticked = True
     tilt = len(rows) > 4
     ax.set_xticks(range(len(rows)), rows, rotation=20 if tilt else 0, ha="right" if tilt else "center")
-    what = "clean test accuracy" if grid.score == "test_acc" else "held-out accuracy"
+    what = "clean test accuracy" if grid.score_metric == "test_acc" else "held-out accuracy"
     ax.set_ylabel(f"{what} (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{grid.name}\nvictims' {what}, mean ± std over seeds", fontsize="medium")

@@ -104,7 +104,7 @@ class Grid:
     held_out: float | None = None  # share of each victim's train images it is scored on instead of the test split
 
     @property
-    def score(self) -> str:
+    def score_metric(self) -> str:
         """The result key a victim is scored by: ``test_acc``, or ``held_out_acc`` in a ``held_out:`` grid."""
         return "held_out_acc" if self.held_out else "test_acc"
 
