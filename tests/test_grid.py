@@ -370,6 +370,32 @@ def test_sigterm_stops_the_pools_running_stages(tmp_path, fake_npz):
     assert stage.checkpoint.is_file()
 
 
+def test_sigterm_stops_a_one_job_run_in_this_process_not_just_its_stage(tmp_path, fake_npz):
+    """With ``--jobs 1`` the stages run in the runner's own process: SIGTERM ends the run there too (it once ended
+    only the running fit, which the runner took for a failed stage before it started the next one)."""
+    long_victim = {**TINY_VICTIM, "args": {**TINY_VICTIM["args"], "trainer.max_epochs": 100000}}
+    grid_file = _write(tmp_path / "long.yaml", {"output": str(tmp_path / "out"),
+                                                "datasets": {"fake": _npz_dataset(fake_npz)},
+                                                "sources": {"clean": None}, "victims": {"r18w4": long_victim},
+                                                "seeds": [0, 1]})
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    runner = subprocess.Popen([sys.executable, "-m", "ue_lightning.cli", "grid", "run", str(grid_file), "--jobs", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name == "last.ckpt" for p in (tmp_path / "out" / "cells").rglob("*.ckpt")):  # fitting
+            assert runner.poll() is None and time.monotonic() < deadline, runner.stdout.read()
+            time.sleep(0.5)
+        runner.send_signal(signal.SIGTERM)
+        out, _ = runner.communicate(timeout=90)
+    finally:
+        runner.kill()
+    assert runner.returncode == 128 + signal.SIGTERM, out
+    assert out.count("start ") == 1 and "FAILED" not in out and "stopped:" in out, out
+    grid = load_grid(grid_file)
+    assert not any(grid.victim(c).done() for c in grid.cells)
+
+
 def test_jobs_below_one_is_refused(tmp_path, capsys):
     from ue_lightning.grid import main
 

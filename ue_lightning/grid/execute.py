@@ -69,12 +69,16 @@ def run_logged(stage: Stage) -> float:
     """
     from ue_lightning.grid.stages import output_to, run_stage
 
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     start = time.time()
     with output_to(log_file(stage)):
         try:
             run_stage(stage)
         except BaseException as error:
             traceback.print_exc()
+            if isinstance(error, SIGTERMException):  # Lightning's own SIGTERM handling ended the fit: a stop
+                raise SystemExit(_SIGTERM_EXIT) from None
             if isinstance(error, SystemExit) and error.code != _SIGTERM_EXIT:
                 raise StageExited(f"the stage exited with code {error.code} (a setting its command line refused: "
                                   "its log says which)") from None
@@ -169,9 +173,9 @@ def run_local(stages: list[Stage], jobs: int = 1, grace: float = 60.0, threads: 
         threads = threads or max(1, cores() // jobs)
         pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker,
                                    initargs=(threads,))
-        if threading.current_thread() is threading.main_thread():
-            restore = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         progress.note(f"{jobs} processes at once, {threads} torch thread(s) each")
+    if threading.current_thread() is threading.main_thread():  # SIGTERM stops the run, in this process too
+        restore = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     stopped = True
     try:
         while todo or running:
@@ -198,9 +202,10 @@ def run_local(stages: list[Stage], jobs: int = 1, grace: float = 60.0, threads: 
                     finish(stage, None, error)
         stopped = False
     finally:
+        if stopped:
+            progress.stopped()
         if pool:
             if stopped:
-                progress.stopped()
                 _stop_workers(pool, grace)
             else:
                 pool.shutdown()
