@@ -67,9 +67,9 @@ def run_logged(stage: Stage) -> float:
     A stage that exits (jsonargparse exits on a setting it refuses) raises :class:`StageExited`, so the runner
     goes on with the other stages; only the runner's own stop (``_exit_on_sigterm``) and Ctrl-C end the run.
     """
-    from ue_lightning.grid.stages import output_to, run_stage
-
     from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from ue_lightning.grid.stages import output_to, run_stage
 
     start = time.time()
     with output_to(log_file(stage)):

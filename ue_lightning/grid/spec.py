@@ -2,7 +2,8 @@
 
 A cell is one victim: (dataset, noise source, surrogate, victim, adversarial radius, defence,
 protected fraction, seed). The stages behind it are the score model (data collapse only),
-the noise generator (fit + predict, one noise file) and the victim (fit + test). Every stage
+the noise generator (fit + predict, one noise file) and the victim (fit + test, or in a ``held_out:`` grid fit
++ validate on its held-out train images). Every stage
 is named by a hash of its resolved settings (the parsed YAML of its configs, the overrides
 that change them and the stages it reads) and lives in ``<output>/{score,noise,cells}/<hash>``:
 a generator that reads a clean classifier (TAP: a source's ``classifier:``, a victim of the grid) reads
@@ -405,7 +406,7 @@ class _Planner:
             overrides["data.protected_fraction"] = cell["protected_fraction"]
         if clean_rest:
             overrides.update({"data.protected_fraction": cell["protected_fraction"], "data.drop_protected": True})
-        if self.held_out:  # the victim alone holds them out: its generator saw every train image
+        if self.held_out:  # the victim alone holds them out; its generator and score model see the dataset's all
             overrides["data.val_fraction"] = self.held_out
         overrides = _changes(overrides, contents)
         key = stable_hash({"configs": contents, "args": overrides, "noise": noise.key if noise else None})
