@@ -156,7 +156,9 @@ def _fake_grid(tmp_path: Path) -> Path:
 
 def test_a_listing_read_by_a_pipe_that_closes_early_ends_quietly(tmp_path):
     """``ue grid status g.yaml | head -1``: the listing stops when the reader goes, without a traceback."""
-    grid_file = _fake_grid(tmp_path)  # 40 cells: more lines than the pipe is read for
+    grid_file = _write(tmp_path / "many.yaml", {  # 1000 cells, 100 kB of listing: more than a pipe buffers
+        "datasets": {"d": str(REPO / "configs/data/digits.yaml")}, "sources": {"clean": None},
+        "victims": {"v": str(REPO / "configs/victim/digits.yaml")}, "seeds": list(range(1000))})
     proc = subprocess.Popen([sys.executable, "-m", "ue_lightning.cli", "grid", "status", str(grid_file)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
