@@ -216,6 +216,20 @@ def test_noise_state_survives_save_and_resume(tmp_path, one_thread):
     assert not torch.equal(resumed.noise, saved)
 
 
+def test_at_ssl_weight_zero_the_backbone_plays_no_part_and_at_one_it_does(tmp_path, one_thread):
+    """TUE's SimCLR and SimSiam demos set the SSL weight to 0: the CSD alone shapes the noise, so the two backbones
+    give the very same noise for one seed (as the CPU protocol's tue and tue-simsiam files are, bit for bit);
+    with the SSL loss let in, the backbone changes it."""
+    def noise(backbone: str, ssl_weight: float) -> torch.Tensor:
+        L.seed_everything(0)
+        gen = _tiny_generator(backbone=backbone, ssl_weight=ssl_weight, csd_weight=0.1, seed=3)
+        _trainer(tmp_path / backbone, max_epochs=1).fit(gen, datamodule=_digits())
+        return gen.noise.clone()
+
+    assert torch.equal(noise("simclr", 0.0), noise("simsiam", 0.0))
+    assert not torch.equal(noise("simclr", 1.0), noise("simsiam", 1.0))
+
+
 def test_generator_refuses_augmented_data_and_predicting_untrained(tmp_path):
     with pytest.raises(ValueError, match="augment: false"):
         _trainer(tmp_path, max_epochs=1).fit(_tiny_generator(), datamodule=_digits(augment=True))
