@@ -337,23 +337,32 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _run_until_fitting(tmp_path: Path, fake_npz: Path, jobs: int, seeds: list[int]) -> tuple[Path, subprocess.Popen]:
+    """``ue grid run --jobs N`` of clean cells whose victims would train for ever, returned once one is fitting
+    (its first checkpoint written); the caller stops it (and kills it at the end)."""
+    long_victim = {**TINY_VICTIM, "args": {**TINY_VICTIM["args"], "trainer.max_epochs": 100000}}
+    grid_file = _write(tmp_path / "long.yaml", {"output": str(tmp_path / "out"),
+                                                "datasets": {"fake": _npz_dataset(fake_npz)},
+                                                "sources": {"clean": None}, "victims": {"r18w4": long_victim},
+                                                "seeds": seeds})
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    runner = subprocess.Popen([sys.executable, "-m", "ue_lightning.cli", "grid", "run", str(grid_file),
+                               "--jobs", str(jobs)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not any(p.name == "last.ckpt" for p in (tmp_path / "out" / "cells").rglob("*.ckpt")):
+        if runner.poll() is not None or time.monotonic() > deadline:
+            runner.kill()
+            pytest.fail(f"the grid stopped or never began fitting:\n{runner.communicate()[0]}")
+        time.sleep(0.5)
+    return grid_file, runner
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc")
 def test_sigterm_stops_the_pools_running_stages(tmp_path, fake_npz):
     """A runner stopped by SIGTERM ends the stage its pool is running instead of leaving it to write the cell
     beside the next runner (Lightning's own SIGTERM handler keeps a fit alive until its next batch)."""
-    long_victim = {**TINY_VICTIM, "args": {**TINY_VICTIM["args"], "trainer.max_epochs": 100000}}
-    grid_file = _write(tmp_path / "long.yaml", {"output": str(tmp_path / "out"),
-                                                "datasets": {"fake": _npz_dataset(fake_npz)},
-                                                "sources": {"clean": None}, "victims": {"r18w4": long_victim}})
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    runner = subprocess.Popen([sys.executable, "-m", "ue_lightning.cli", "grid", "run", str(grid_file), "--jobs", "2"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    log = tmp_path / "out" / "cells"
+    grid_file, runner = _run_until_fitting(tmp_path, fake_npz, jobs=2, seeds=[0])
     try:
-        deadline = time.monotonic() + 120
-        while not any(p.name == "last.ckpt" for p in log.rglob("*.ckpt")):  # the stage is fitting
-            assert runner.poll() is None and time.monotonic() < deadline, runner.stdout.read()
-            time.sleep(0.5)
         children = [int(pid) for pid in Path(f"/proc/{runner.pid}/task/{runner.pid}/children").read_text().split()]
         workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert workers and any(_alive(pid) for pid in workers)
@@ -375,19 +384,8 @@ def test_sigterm_stops_the_pools_running_stages(tmp_path, fake_npz):
 def test_sigterm_stops_a_one_job_run_in_this_process_not_just_its_stage(tmp_path, fake_npz):
     """With ``--jobs 1`` the stages run in the runner's own process: SIGTERM ends the run there too (it once ended
     only the running fit, which the runner took for a failed stage before it started the next one)."""
-    long_victim = {**TINY_VICTIM, "args": {**TINY_VICTIM["args"], "trainer.max_epochs": 100000}}
-    grid_file = _write(tmp_path / "long.yaml", {"output": str(tmp_path / "out"),
-                                                "datasets": {"fake": _npz_dataset(fake_npz)},
-                                                "sources": {"clean": None}, "victims": {"r18w4": long_victim},
-                                                "seeds": [0, 1]})
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    runner = subprocess.Popen([sys.executable, "-m", "ue_lightning.cli", "grid", "run", str(grid_file), "--jobs", "1"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    grid_file, runner = _run_until_fitting(tmp_path, fake_npz, jobs=1, seeds=[0, 1])
     try:
-        deadline = time.monotonic() + 120
-        while not any(p.name == "last.ckpt" for p in (tmp_path / "out" / "cells").rglob("*.ckpt")):  # fitting
-            assert runner.poll() is None and time.monotonic() < deadline, runner.stdout.read()
-            time.sleep(0.5)
         runner.send_signal(signal.SIGTERM)
         out, _ = runner.communicate(timeout=90)
     finally:

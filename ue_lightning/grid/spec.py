@@ -277,8 +277,8 @@ def held_out_share(raw: Any, path: Path) -> float | None:
     if raw is None:
         return None
     try:
-        share = float(Fraction(str(raw).replace(" ", ""))) if not isinstance(raw, bool) else -1.0
-    except (ValueError, ZeroDivisionError):
+        share = -1.0 if isinstance(raw, bool) else float(Fraction(str(raw).replace(" ", "")))
+    except (ValueError, ZeroDivisionError):  # not a number, or a ratio over 0
         share = -1.0
     if not 0.0 < share < 1.0:
         raise ValueError(f"grid: {path}: held_out {raw!r} must be a share of the victims' train images in (0, 1), "
