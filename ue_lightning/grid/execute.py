@@ -67,8 +67,6 @@ def run_logged(stage: Stage) -> float:
     A stage that exits (jsonargparse exits on a setting it refuses) raises :class:`StageExited`, so the runner
     goes on with the other stages; only the runner's own stop (``_exit_on_sigterm``) and Ctrl-C end the run.
     """
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     from ue_lightning.grid.stages import output_to, run_stage
 
     start = time.time()
@@ -77,8 +75,6 @@ def run_logged(stage: Stage) -> float:
             run_stage(stage)
         except BaseException as error:
             traceback.print_exc()
-            if isinstance(error, SIGTERMException):  # Lightning's own SIGTERM handling ended the fit: a stop
-                raise SystemExit(_SIGTERM_EXIT) from None
             if isinstance(error, SystemExit) and error.code != _SIGTERM_EXIT:
                 raise StageExited(f"the stage exited with code {error.code} (a setting its command line refused: "
                                   "its log says which)") from None
